@@ -1,0 +1,242 @@
+//! The in-process backend, on `moka` 0.12 (`sync` cache).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use moka::Expiry;
+use moka::sync::Cache as MokaCache;
+
+use crate::service::{DEFAULT_TTL_SECS, MAX_TTL_SECS, resolve_ttl};
+use crate::{CacheError, CacheService};
+
+/// Default capacity of [`MokaCacheService::default`], in entries.
+pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
+
+/// What the byte weigher adds to each entry besides its key and value (bookkeeping).
+const ENTRY_OVERHEAD_BYTES: u64 = 64;
+
+/// One stored value and the instant it stops being served.
+#[derive(Clone)]
+struct Entry {
+    value: Bytes,
+    expires_at: Instant,
+}
+
+/// Per-entry TTL: each entry lives until the instant stored in it; a write resets it.
+struct EntryExpiry;
+
+impl Expiry<String, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
+        Some(entry.expires_at.saturating_duration_since(now))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &String,
+        entry: &Entry,
+        now: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(entry.expires_at.saturating_duration_since(now))
+    }
+}
+
+/// The in-process cache: one instance's memory, no server.
+///
+/// Each entry honours the TTL of its own `set` (moka's per-entry expiry), `None` meaning the
+/// default TTL. Capacity is bounded in entries (default 10 000) or in bytes; past it, moka
+/// evicts the least useful entries. Cloning gives another handle on the same cache.
+///
+/// ```
+/// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+/// let cache = MokaCacheService::builder()
+///     .max_bytes(64 * 1024 * 1024)
+///     .default_ttl_secs(120)
+///     .build()?;
+/// cache.set("org:acme", &"Acme Corp", None).await?;          // lives 120 s
+/// cache.set("org:id:42", &"Acme Corp", Some(10)).await?;     // lives 10 s
+/// assert_eq!(cache.invalidate_prefix("org:").await?, 2);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MokaCacheService {
+    cache: MokaCache<String, Entry>,
+    default_ttl: Duration,
+    capacity: Capacity,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Capacity {
+    Entries(u64),
+    Bytes(u64),
+}
+
+impl MokaCacheService {
+    /// A builder with the defaults: 10 000 entries, 300 s default TTL.
+    pub fn builder() -> MokaCacheServiceBuilder {
+        MokaCacheServiceBuilder::default()
+    }
+
+    /// The TTL applied when a `set` passes `None`.
+    pub fn default_ttl(&self) -> Duration {
+        self.default_ttl
+    }
+
+    /// How many entries the cache holds now (approximate: moka applies writes to its
+    /// bookkeeping in batches; expired entries may still be counted).
+    pub fn entry_count(&self) -> u64 {
+        self.cache.entry_count()
+    }
+
+    /// Applies pending evictions and bookkeeping now (moka otherwise does it in batches).
+    pub fn run_pending_tasks(&self) {
+        self.cache.run_pending_tasks();
+    }
+}
+
+impl Default for MokaCacheService {
+    /// 10 000 entries, 300 s default TTL.
+    fn default() -> Self {
+        MokaCacheServiceBuilder::default().build_unchecked()
+    }
+}
+
+impl fmt::Debug for MokaCacheService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MokaCacheService")
+            .field("capacity", &self.capacity)
+            .field("default_ttl", &self.default_ttl)
+            .field("entry_count", &self.cache.entry_count())
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CacheService for MokaCacheService {
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
+        Ok(self.cache.get(key).map(|entry| entry.value))
+    }
+
+    async fn set_bytes(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<(), CacheError> {
+        let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
+        let expires_at = Instant::now() + ttl;
+        self.cache
+            .insert(key.to_owned(), Entry { value, expires_at });
+        Ok(())
+    }
+
+    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
+        self.cache.invalidate(key);
+        Ok(())
+    }
+
+    async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+        // moka's `invalidate_entries_if` can miss matching entries and gives no count, so
+        // collect the matching keys first, then remove them one by one, counting the live
+        // entries that were really removed.
+        let matching: Vec<Arc<String>> = self
+            .cache
+            .iter()
+            .filter(|(key, _)| key.starts_with(prefix))
+            .map(|(key, _)| key)
+            .collect();
+        let now = Instant::now();
+        let removed = matching
+            .iter()
+            .filter_map(|key| self.cache.remove(key.as_str()))
+            .filter(|entry| entry.expires_at > now)
+            .count();
+        Ok(removed as u64)
+    }
+}
+
+/// Builds a [`MokaCacheService`]: capacity in entries or in bytes, default TTL.
+///
+/// ```
+/// use cachet::MokaCacheService;
+///
+/// let by_count = MokaCacheService::builder().max_entries(50_000).build().unwrap();
+/// let by_size = MokaCacheService::builder().max_bytes(256 << 20).default_ttl_secs(60).build().unwrap();
+/// assert!(MokaCacheService::builder().default_ttl_secs(0).build().is_err());
+/// # let _ = (by_count, by_size);
+/// ```
+#[derive(Debug, Clone)]
+pub struct MokaCacheServiceBuilder {
+    capacity: Capacity,
+    default_ttl_secs: u64,
+}
+
+impl Default for MokaCacheServiceBuilder {
+    fn default() -> Self {
+        MokaCacheServiceBuilder {
+            capacity: Capacity::Entries(DEFAULT_MAX_ENTRIES),
+            default_ttl_secs: DEFAULT_TTL_SECS,
+        }
+    }
+}
+
+impl MokaCacheServiceBuilder {
+    /// Bounds the cache to `n` entries, whatever their size (the default, 10 000).
+    pub fn max_entries(mut self, n: u64) -> Self {
+        self.capacity = Capacity::Entries(n);
+        self
+    }
+
+    /// Bounds the cache to about `n` bytes of keys and values (each entry also counts 64
+    /// bytes of bookkeeping), so that a few huge values cannot exhaust memory. Replaces
+    /// [`max_entries`](Self::max_entries). A single value larger than `n` is not kept.
+    pub fn max_bytes(mut self, n: u64) -> Self {
+        self.capacity = Capacity::Bytes(n);
+        self
+    }
+
+    /// The TTL for a `set` that passes `None` (default 300 s; `1..=MAX_TTL_SECS`).
+    pub fn default_ttl_secs(mut self, secs: u64) -> Self {
+        self.default_ttl_secs = secs;
+        self
+    }
+
+    /// Builds the service; a default TTL of 0 or above [`MAX_TTL_SECS`] is
+    /// [`CacheError::InvalidArgument`].
+    pub fn build(self) -> Result<MokaCacheService, CacheError> {
+        if self.default_ttl_secs == 0 || self.default_ttl_secs > MAX_TTL_SECS {
+            return Err(CacheError::invalid_argument(
+                "",
+                format!(
+                    "default_ttl_secs must be within 1..={MAX_TTL_SECS}, got {}",
+                    self.default_ttl_secs
+                ),
+            ));
+        }
+        Ok(self.build_unchecked())
+    }
+
+    fn build_unchecked(self) -> MokaCacheService {
+        let builder = MokaCache::builder().expire_after(EntryExpiry);
+        let cache = match self.capacity {
+            Capacity::Entries(n) => builder.max_capacity(n).build(),
+            Capacity::Bytes(n) => builder
+                .max_capacity(n)
+                .weigher(|key: &String, entry: &Entry| {
+                    let weight = key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD_BYTES;
+                    u32::try_from(weight).unwrap_or(u32::MAX)
+                })
+                .build(),
+        };
+        MokaCacheService {
+            cache,
+            default_ttl: Duration::from_secs(self.default_ttl_secs),
+            capacity: self.capacity,
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Typed values to bytes and back: JSON through `serde_json`.
+//!
+//! Every backend stores opaque bytes; [`CacheServiceExt`](crate::CacheServiceExt) encodes
+//! with [`encode`] before a write and decodes with [`decode`] after a read. Errors name the
+//! key and the Rust type, and decoding never panics on arbitrary input (a fuzz target checks
+//! it).
+//!
+//! JSON cannot represent a non-finite float: `f64::NAN` and the infinities are written as
+//! `null` by `serde_json`, and reading that `null` back as an `f64` is a
+//! [`CacheError::Serialization`]. Floats that are finite round-trip exactly.
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::CacheError;
+
+/// Encodes `value` as JSON.
+///
+/// ```
+/// let bytes = cachet::codec::encode("org:acme", &vec![1, 2, 3]).unwrap();
+/// assert_eq!(&bytes[..], b"[1,2,3]");
+/// ```
+pub fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Bytes, CacheError> {
+    serde_json::to_vec(value)
+        .map(Bytes::from)
+        .map_err(|e| CacheError::serialization::<T>(key, "encode", e))
+}
+
+/// Decodes JSON `bytes` as a `T`; bad input is a [`CacheError::Serialization`], never a panic.
+///
+/// ```
+/// use cachet::{codec, CacheError};
+///
+/// let n: Vec<u32> = codec::decode("k", b"[1,2,3]").unwrap();
+/// assert_eq!(n, vec![1, 2, 3]);
+/// let err = codec::decode::<Vec<u32>>("k", b"\xff not json").unwrap_err();
+/// assert!(matches!(err, CacheError::Serialization { .. }));
+/// ```
+pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, CacheError> {
+    serde_json::from_slice(bytes).map_err(|e| CacheError::serialization::<T>(key, "decode", e))
+}

@@ -1,0 +1,168 @@
+//! Errors returned by every cache backend and decorator.
+
+use std::fmt;
+
+/// A boxed error kept as the [`source`](std::error::Error::source) of a [`CacheError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Longest key, in bytes, that an error message repeats in full; longer keys are cut.
+const MAX_KEY_IN_MESSAGE: usize = 120;
+
+/// What went wrong in a cache call.
+///
+/// Every variant names the key (or prefix) it concerns, so a log line says what failed and
+/// where. The enum is `#[non_exhaustive]`: match it with a wildcard arm.
+///
+/// ```
+/// use cachet::{CacheError, CacheService, MokaCacheService};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let cache = MokaCacheService::default();
+/// let err = cache
+///     .set_bytes("org:acme", bytes::Bytes::from_static(b"{}"), Some(0))
+///     .await
+///     .unwrap_err();
+/// assert!(matches!(err, CacheError::InvalidArgument { .. }));
+/// assert!(err.to_string().contains("org:acme"));
+/// # }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CacheError {
+    /// A value could not be encoded, or the stored bytes could not be decoded as the
+    /// requested type. The stored entry is left untouched.
+    #[error("cannot {action} the value under key {key} as `{type_name}`: {source}")]
+    Serialization {
+        /// The key, as it appears in messages (very long keys are shortened).
+        key: KeyName,
+        /// `"encode"` or `"decode"`.
+        action: &'static str,
+        /// The Rust type that was being encoded or decoded.
+        type_name: &'static str,
+        /// What the codec reported.
+        #[source]
+        source: BoxError,
+    },
+    /// The backend (a server, a connection) failed or did not answer in time.
+    #[error("cache backend {backend} failed on {operation} {key}: {source}")]
+    Backend {
+        /// The backend and, for a remote one, its server address.
+        backend: String,
+        /// The operation that failed (`get`, `set`, `invalidate`, `invalidate_prefix`, ...).
+        operation: &'static str,
+        /// The key or prefix of the call.
+        key: KeyName,
+        /// What the backend reported.
+        #[source]
+        source: BoxError,
+    },
+    /// The call itself was wrong, for example a TTL of zero seconds.
+    #[error("invalid argument for key {key}: {message}")]
+    InvalidArgument {
+        /// The key of the call.
+        key: KeyName,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+impl CacheError {
+    /// A [`CacheError::Serialization`] for `key` and the type `T`.
+    pub fn serialization<T: ?Sized>(
+        key: &str,
+        action: &'static str,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        CacheError::Serialization {
+            key: KeyName::new(key),
+            action,
+            type_name: std::any::type_name::<T>(),
+            source: source.into(),
+        }
+    }
+
+    /// A [`CacheError::Backend`] for `operation` on `key`, on the named backend or server.
+    pub fn backend(
+        backend: impl Into<String>,
+        operation: &'static str,
+        key: &str,
+        source: impl Into<BoxError>,
+    ) -> Self {
+        CacheError::Backend {
+            backend: backend.into(),
+            operation,
+            key: KeyName::new(key),
+            source: source.into(),
+        }
+    }
+
+    /// A [`CacheError::InvalidArgument`] for `key`.
+    pub fn invalid_argument(key: &str, message: impl Into<String>) -> Self {
+        CacheError::InvalidArgument {
+            key: KeyName::new(key),
+            message: message.into(),
+        }
+    }
+}
+
+/// A key as carried by an error: displayed quoted, and shortened when very long (a 1 MiB
+/// key must not become a 1 MiB log line).
+///
+/// ```
+/// use cachet::KeyName;
+///
+/// assert_eq!(KeyName::new("org:acme").to_string(), "\"org:acme\"");
+/// let long = "k".repeat(10_000);
+/// let shown = KeyName::new(&long).to_string();
+/// assert!(shown.len() < 200 && shown.contains("10000 bytes"));
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyName {
+    shown: String,
+    len: usize,
+}
+
+impl KeyName {
+    /// Keeps what a message needs of `key`.
+    pub fn new(key: &str) -> Self {
+        let mut end = key.len().min(MAX_KEY_IN_MESSAGE);
+        while !key.is_char_boundary(end) {
+            end -= 1;
+        }
+        KeyName {
+            shown: key[..end].to_owned(),
+            len: key.len(),
+        }
+    }
+
+    /// The key's full length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the key is the empty string.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The start of the key (all of it when it is short).
+    pub fn shown(&self) -> &str {
+        &self.shown
+    }
+}
+
+impl fmt::Display for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.shown.len() == self.len {
+            write!(f, "{:?}", self.shown)
+        } else {
+            write!(f, "{:?}... ({} bytes)", self.shown, self.len)
+        }
+    }
+}
+
+impl fmt::Debug for KeyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}

@@ -1,0 +1,50 @@
+//! # cachet
+//!
+//! One typed cache API for multi-tenant web services, usable as `Arc<dyn CacheService>`.
+//!
+//! - [`CacheService`]: the object-safe, byte-level trait every backend implements
+//!   (`get_bytes`, `set_bytes`, `invalidate`, `invalidate_prefix`).
+//! - [`CacheServiceExt`]: the typed helpers (`get::<T>`, `set`) for every service,
+//!   `dyn CacheService` included.
+//! - [`MokaCacheService`]: the in-process backend (moka), with per-entry TTL and capacity in
+//!   entries or bytes.
+//! - [`Cache`]: the enum over the backends.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+//! use serde::{Deserialize, Serialize};
+//!
+//! #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+//! struct OrgContext { slug: String, name: String, features: Vec<String> }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), cachet::CacheError> {
+//! let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+//! let ctx = OrgContext { slug: "acme".into(), name: "Acme".into(), features: vec!["sso".into()] };
+//!
+//! cache.set("org:acme", &ctx, Some(300)).await?;        // ttl_secs: None = default TTL
+//! let hit: Option<OrgContext> = cache.get::<OrgContext>("org:acme").await?;
+//! assert_eq!(hit.as_ref(), Some(&ctx));
+//!
+//! cache.invalidate("org:acme").await?;
+//! let removed: u64 = cache.invalidate_prefix("org:").await?;
+//! assert_eq!(removed, 0);
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod codec;
+#[cfg(feature = "conformance")]
+pub mod conformance;
+mod error;
+#[cfg(feature = "mock")]
+mod mock;
+pub mod service;
+
+pub use backend::{Cache, MokaCacheService, MokaCacheServiceBuilder};
+pub use error::{BoxError, CacheError, KeyName};
+#[cfg(feature = "mock")]
+pub use mock::MockCacheService;
+pub use service::{CacheService, CacheServiceExt, DEFAULT_TTL_SECS, MAX_TTL_SECS};

@@ -1,0 +1,223 @@
+//! The cache API: the object-safe [`CacheService`] and the typed [`CacheServiceExt`].
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use enum_dispatch::enum_dispatch;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+// `enum_dispatch` writes `impl CacheService for Cache` here (the enum is expanded first), so
+// the generated code needs the variant types in scope.
+use crate::backend::{Cache, MokaCacheService};
+use crate::{CacheError, codec};
+
+/// The longest TTL any backend accepts: 100 years of 365 days, in seconds. Longer is a
+/// [`CacheError::InvalidArgument`] rather than an overflow somewhere below.
+pub const MAX_TTL_SECS: u64 = 100 * 365 * 24 * 60 * 60;
+
+/// The default TTL of every backend unless configured: 300 seconds.
+pub const DEFAULT_TTL_SECS: u64 = 300;
+
+/// A byte-level cache, object safe so that an app can hold an `Arc<dyn CacheService>`.
+///
+/// Every backend and decorator implements these four methods; the typed helpers
+/// (`get::<T>`, `set`) come from [`CacheServiceExt`], which every `CacheService`, including
+/// `dyn CacheService`, gets for free.
+///
+/// Semantics shared by every implementation (the [`conformance`](crate) suite checks them):
+/// a missing key is `Ok(None)`; `ttl_secs: Some(n)` expires the entry after `n` seconds,
+/// `None` applies the backend's default TTL, `Some(0)` is [`CacheError::InvalidArgument`];
+/// removing a missing key is `Ok`; [`invalidate_prefix`](CacheService::invalidate_prefix)
+/// treats its argument as a literal string (glob characters included) and returns how many
+/// entries it removed.
+///
+/// ```
+/// use std::sync::Arc;
+/// use bytes::Bytes;
+/// use cachet::{CacheService, MokaCacheService};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+/// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+/// cache.set_bytes("org:acme", Bytes::from_static(b"raw"), Some(60)).await?;
+/// assert_eq!(cache.get_bytes("org:acme").await?, Some(Bytes::from_static(b"raw")));
+/// assert_eq!(cache.invalidate_prefix("org:").await?, 1);
+/// assert_eq!(cache.get_bytes("org:acme").await?, None);
+/// # Ok(()) }
+/// ```
+#[async_trait]
+#[enum_dispatch]
+pub trait CacheService: Send + Sync + fmt::Debug {
+    /// The bytes stored under `key`, or `None` when it is missing or expired.
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError>;
+
+    /// Stores `value` under `key`, replacing any previous value and its TTL.
+    ///
+    /// `ttl_secs`: `Some(n)` expires the entry after `n` seconds (`1..=MAX_TTL_SECS`),
+    /// `None` uses the backend's default TTL.
+    async fn set_bytes(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<(), CacheError>;
+
+    /// Removes `key`. Removing a key that is not there is `Ok`.
+    async fn invalidate(&self, key: &str) -> Result<(), CacheError>;
+
+    /// Removes every entry whose key starts with the literal string `prefix` and returns how
+    /// many were removed. `*`, `?`, `[`, `]` and `\` are ordinary characters here.
+    async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError>;
+}
+
+/// The typed helpers, for every [`CacheService`] (`dyn CacheService` included).
+///
+/// Values are encoded with [`codec`] (JSON). Nobody implements this trait: the blanket
+/// implementation covers every service.
+///
+/// ```
+/// use std::sync::Arc;
+/// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// struct OrgContext { slug: String, plan: String }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+/// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+/// let ctx = OrgContext { slug: "acme".into(), plan: "pro".into() };
+/// cache.set("org:acme", &ctx, Some(300)).await?;
+/// let cached: Option<OrgContext> = cache.get::<OrgContext>("org:acme").await?;
+/// assert_eq!(cached, Some(ctx));
+/// cache.invalidate("org:acme").await?;
+/// assert_eq!(cache.get::<OrgContext>("org:acme").await?, None);
+/// # Ok(()) }
+/// ```
+pub trait CacheServiceExt: CacheService {
+    /// Reads `key` and decodes it as a `T`; `Ok(None)` when it is missing or expired.
+    ///
+    /// Stored bytes that do not decode as `T` give [`CacheError::Serialization`] and stay
+    /// stored.
+    fn get<T: DeserializeOwned>(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<T>, CacheError>> + Send {
+        async move {
+            match self.get_bytes(key).await? {
+                Some(bytes) => codec::decode(key, &bytes).map(Some),
+                None => Ok(None),
+            }
+        }
+    }
+
+    /// Encodes `value` and stores it under `key` (see [`CacheService::set_bytes`] for
+    /// `ttl_secs`).
+    fn set<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl_secs: Option<u64>,
+    ) -> impl Future<Output = Result<(), CacheError>> + Send {
+        // Encode before the future is built, so that it does not hold `&T` (no `T: Sync`).
+        let encoded = codec::encode(key, value);
+        async move { self.set_bytes(key, encoded?, ttl_secs).await }
+    }
+}
+
+impl<S: CacheService + ?Sized> CacheServiceExt for S {}
+
+/// Turns a call's `ttl_secs` into a duration: `None` is `default`, `Some(0)` and values
+/// above [`MAX_TTL_SECS`] are [`CacheError::InvalidArgument`].
+///
+/// ```
+/// use std::time::Duration;
+/// use cachet::service::resolve_ttl;
+///
+/// let default = Duration::from_secs(300);
+/// assert_eq!(resolve_ttl("k", None, default).unwrap(), default);
+/// assert_eq!(resolve_ttl("k", Some(5), default).unwrap(), Duration::from_secs(5));
+/// assert!(resolve_ttl("k", Some(0), default).is_err());
+/// ```
+pub fn resolve_ttl(
+    key: &str,
+    ttl_secs: Option<u64>,
+    default: Duration,
+) -> Result<Duration, CacheError> {
+    match ttl_secs {
+        None => Ok(default),
+        Some(0) => Err(CacheError::invalid_argument(
+            key,
+            "ttl_secs must be at least 1 (Some(0) would store nothing); use None for the default TTL",
+        )),
+        Some(secs) if secs > MAX_TTL_SECS => Err(CacheError::invalid_argument(
+            key,
+            format!("ttl_secs {secs} is longer than the maximum of {MAX_TTL_SECS} (100 years)"),
+        )),
+        Some(secs) => Ok(Duration::from_secs(secs)),
+    }
+}
+
+/// The boxed future `#[async_trait]` methods return.
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Forwarding impls: a wrapped service is a service itself. They hand back the inner
+/// service's future as it is, so an `Arc<dyn CacheService>` costs no second allocation.
+macro_rules! forward_cache_service {
+    ($($wrapper:ty),+) => {$(
+        impl<S: CacheService + ?Sized> CacheService for $wrapper {
+            fn get_bytes<'s, 'k, 'f>(
+                &'s self,
+                key: &'k str,
+            ) -> BoxFuture<'f, Result<Option<Bytes>, CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).get_bytes(key)
+            }
+
+            fn set_bytes<'s, 'k, 'f>(
+                &'s self,
+                key: &'k str,
+                value: Bytes,
+                ttl_secs: Option<u64>,
+            ) -> BoxFuture<'f, Result<(), CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).set_bytes(key, value, ttl_secs)
+            }
+
+            fn invalidate<'s, 'k, 'f>(&'s self, key: &'k str) -> BoxFuture<'f, Result<(), CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).invalidate(key)
+            }
+
+            fn invalidate_prefix<'s, 'k, 'f>(
+                &'s self,
+                prefix: &'k str,
+            ) -> BoxFuture<'f, Result<u64, CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).invalidate_prefix(prefix)
+            }
+        }
+    )+};
+}
+
+forward_cache_service!(Arc<S>, Box<S>, &S);
