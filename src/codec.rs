@@ -7,7 +7,9 @@
 //!
 //! JSON cannot represent a non-finite float: `f64::NAN` and the infinities are written as
 //! `null` by `serde_json`, and reading that `null` back as an `f64` is a
-//! [`CacheError::Serialization`]. Floats that are finite round-trip exactly.
+//! [`CacheError::Serialization`]. Floats that are finite round-trip exactly. Values nested
+//! more than 127 levels deep encode but do not decode (`serde_json`'s recursion limit, which
+//! keeps a hostile stored value from overflowing the stack).
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -38,5 +40,9 @@ pub fn encode<T: Serialize + ?Sized>(key: &str, value: &T) -> Result<Bytes, Cach
 /// assert!(matches!(err, CacheError::Serialization { .. }));
 /// ```
 pub fn decode<T: DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T, CacheError> {
-    serde_json::from_slice(bytes).map_err(|e| CacheError::serialization::<T>(key, "decode", e))
+    // Checking UTF-8 once up front (vectorised) and parsing from `&str` is faster than
+    // `from_slice`, which re-checks every string it meets; JSON is UTF-8 either way.
+    let text =
+        std::str::from_utf8(bytes).map_err(|e| CacheError::serialization::<T>(key, "decode", e))?;
+    serde_json::from_str(text).map_err(|e| CacheError::serialization::<T>(key, "decode", e))
 }

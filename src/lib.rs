@@ -48,3 +48,8 @@ pub use error::{BoxError, CacheError, KeyName};
 #[cfg(feature = "mock")]
 pub use mock::MockCacheService;
 pub use service::{CacheService, CacheServiceExt, DEFAULT_TTL_SECS, MAX_TTL_SECS};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -56,6 +56,29 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// The bytes stored under `key`, or `None` when it is missing or expired.
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError>;
 
+    /// A fast path for backends that can answer a read without waiting (in process memory):
+    /// `Some(answer)`, the same answer [`get_bytes`](CacheService::get_bytes) would give, or
+    /// `None` to say "call `get_bytes`". The default is `None`.
+    ///
+    /// The typed helpers try it first, so an in-memory hit costs no boxed future. Wrappers
+    /// must forward it (the `Arc`, `Box` and `&` impls do); a backend that answers `Some`
+    /// must give exactly what `get_bytes` would.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use cachet::{CacheService, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::default();
+    /// cache.set_bytes("k", Bytes::from_static(b"v"), None).await?;
+    /// assert_eq!(cache.get_bytes_now("k").transpose()?, Some(Some(Bytes::from_static(b"v"))));
+    /// # Ok(()) }
+    /// ```
+    fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
+        let _ = key;
+        None
+    }
+
     /// Stores `value` under `key`, replacing any previous value and its TTL.
     ///
     /// `ttl_secs`: `Some(n)` expires the entry after `n` seconds (`1..=MAX_TTL_SECS`),
@@ -107,8 +130,14 @@ pub trait CacheServiceExt: CacheService {
         &self,
         key: &str,
     ) -> impl Future<Output = Result<Option<T>, CacheError>> + Send {
+        // An in-memory backend answers at once: no boxed future on a hit.
+        let now = self.get_bytes_now(key);
         async move {
-            match self.get_bytes(key).await? {
+            let stored = match now {
+                Some(answer) => answer?,
+                None => self.get_bytes(key).await?,
+            };
+            match stored {
                 Some(bytes) => codec::decode(key, &bytes).map(Some),
                 None => Ok(None),
             }
@@ -180,6 +209,10 @@ macro_rules! forward_cache_service {
                 Self: 'f,
             {
                 (**self).get_bytes(key)
+            }
+
+            fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
+                (**self).get_bytes_now(key)
             }
 
             fn set_bytes<'s, 'k, 'f>(

@@ -182,3 +182,63 @@ async fn invalidate_prefix_of_a_tenth_of_100k_entries_is_exact() {
     assert_eq!(cache.invalidate_prefix("org:hot:").await.unwrap(), 0);
     assert_eq!(cache.invalidate_prefix("org:").await.unwrap(), 90_000);
 }
+
+#[tokio::test]
+async fn fast_path_is_forwarded_by_every_wrapper() {
+    let moka = MokaCacheService::default();
+    moka.set("k", &1, None).await.unwrap();
+    let expected = Some(Some(bytes::Bytes::from_static(b"1")));
+    let via_enum = Cache::from(moka.clone());
+    let via_arc: Arc<dyn CacheService> = Arc::new(moka.clone());
+    let via_box: Box<dyn CacheService> = Box::new(moka.clone());
+    let via_ref: &dyn CacheService = &moka;
+    for (name, answer) in [
+        ("MokaCacheService", moka.get_bytes_now("k")),
+        ("Cache::Moka", via_enum.get_bytes_now("k")),
+        ("Arc<dyn>", via_arc.get_bytes_now("k")),
+        ("Box<dyn>", via_box.get_bytes_now("k")),
+        ("&dyn", via_ref.get_bytes_now("k")),
+    ] {
+        assert_eq!(answer.transpose().unwrap(), expected, "{name}");
+    }
+    assert_eq!(
+        moka.get_bytes_now("missing").transpose().unwrap(),
+        Some(None)
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn long_prefix_invalidation_lets_other_tasks_run() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let cache = MokaCacheService::builder()
+        .max_entries(200_000)
+        .build()
+        .unwrap();
+    for i in 0..100_000u32 {
+        cache
+            .set_bytes(&format!("bulk:{i}"), bytes::Bytes::from_static(b"1"), None)
+            .await
+            .unwrap();
+    }
+    // On a single-threaded runtime, this task only runs when invalidate_prefix yields.
+    let ticks = Arc::new(AtomicU64::new(0));
+    let ticker = tokio::spawn({
+        let ticks = Arc::clone(&ticks);
+        async move {
+            loop {
+                ticks.fetch_add(1, Ordering::Relaxed);
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    tokio::task::yield_now().await; // let the ticker start
+    let before = ticks.load(Ordering::Relaxed);
+    assert_eq!(cache.invalidate_prefix("bulk:").await.unwrap(), 100_000);
+    let during = ticks.load(Ordering::Relaxed) - before;
+    ticker.abort();
+    assert!(
+        during >= 10,
+        "the ticker ran only {during} times during the scan"
+    );
+}

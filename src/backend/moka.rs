@@ -1,7 +1,10 @@
 //! The in-process backend, on `moka` 0.12 (`sync` cache).
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -18,29 +21,30 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 /// What the byte weigher adds to each entry besides its key and value (bookkeeping).
 const ENTRY_OVERHEAD_BYTES: u64 = 64;
 
-/// One stored value and the instant it stops being served.
+/// One stored value and how long it lives from its write.
 #[derive(Clone)]
 struct Entry {
     value: Bytes,
-    expires_at: Instant,
+    ttl: Duration,
 }
 
-/// Per-entry TTL: each entry lives until the instant stored in it; a write resets it.
+/// Per-entry TTL: each entry lives for the TTL stored in it, counted from its last write
+/// (moka passes the write's instant, so `set` needs no clock read of its own).
 struct EntryExpiry;
 
 impl Expiry<String, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &String, entry: &Entry, now: Instant) -> Option<Duration> {
-        Some(entry.expires_at.saturating_duration_since(now))
+    fn expire_after_create(&self, _: &String, entry: &Entry, _: Instant) -> Option<Duration> {
+        Some(entry.ttl)
     }
 
     fn expire_after_update(
         &self,
         _: &String,
         entry: &Entry,
-        now: Instant,
+        _: Instant,
         _: Option<Duration>,
     ) -> Option<Duration> {
-        Some(entry.expires_at.saturating_duration_since(now))
+        Some(entry.ttl)
     }
 }
 
@@ -65,7 +69,7 @@ impl Expiry<String, Entry> for EntryExpiry {
 /// ```
 #[derive(Clone)]
 pub struct MokaCacheService {
-    cache: MokaCache<String, Entry>,
+    cache: MokaCache<String, Entry, ahash::RandomState>,
     default_ttl: Duration,
     capacity: Capacity,
 }
@@ -122,6 +126,10 @@ impl CacheService for MokaCacheService {
         Ok(self.cache.get(key).map(|entry| entry.value))
     }
 
+    fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
+        Some(Ok(self.cache.get(key).map(|entry| entry.value)))
+    }
+
     async fn set_bytes(
         &self,
         key: &str,
@@ -129,9 +137,7 @@ impl CacheService for MokaCacheService {
         ttl_secs: Option<u64>,
     ) -> Result<(), CacheError> {
         let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
-        let expires_at = Instant::now() + ttl;
-        self.cache
-            .insert(key.to_owned(), Entry { value, expires_at });
+        self.cache.insert(key.to_owned(), Entry { value, ttl });
         Ok(())
     }
 
@@ -142,21 +148,56 @@ impl CacheService for MokaCacheService {
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
         // moka's `invalidate_entries_if` can miss matching entries and gives no count, so
-        // collect the matching keys first, then remove them one by one, counting the live
-        // entries that were really removed.
-        let matching: Vec<Arc<String>> = self
-            .cache
-            .iter()
-            .filter(|(key, _)| key.starts_with(prefix))
-            .map(|(key, _)| key)
-            .collect();
-        let now = Instant::now();
-        let removed = matching
-            .iter()
-            .filter_map(|key| self.cache.remove(key.as_str()))
-            .filter(|entry| entry.expires_at > now)
-            .count();
-        Ok(removed as u64)
+        // collect the matching keys first (`iter` skips expired entries), then remove them
+        // one by one, counting those this call really removed: not the ones another caller
+        // removed in between, nor the ones that expired in between (`contains_key` is false
+        // for those; `remove` would still hand them back). The scan costs about half a
+        // microsecond per cached entry, so it yields to the async runtime every few
+        // thousand steps instead of holding a worker thread for the whole cache.
+        let mut matching: Vec<Arc<String>> = Vec::new();
+        for (scanned, (key, _)) in self.cache.iter().enumerate() {
+            if key.starts_with(prefix) {
+                matching.push(key);
+            }
+            if scanned % SCAN_STEPS_PER_YIELD == SCAN_STEPS_PER_YIELD - 1 {
+                YieldNow::default().await;
+            }
+        }
+        let mut removed = 0u64;
+        for (step, key) in matching.iter().enumerate() {
+            if self.cache.contains_key(key.as_str()) && self.cache.remove(key.as_str()).is_some() {
+                removed += 1;
+            }
+            if step % REMOVALS_PER_YIELD == REMOVALS_PER_YIELD - 1 {
+                YieldNow::default().await;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Entries `invalidate_prefix` scans between two yields to the runtime (about 2 ms).
+const SCAN_STEPS_PER_YIELD: usize = 4_096;
+/// Entries `invalidate_prefix` removes between two yields to the runtime (about 1 ms).
+const REMOVALS_PER_YIELD: usize = 1_024;
+
+/// A future that is pending once (waking itself at once), so that a long loop lets other
+/// tasks of the same worker run; it works on any executor.
+#[derive(Default)]
+struct YieldNow {
+    yielded: bool,
+}
+
+impl Future for YieldNow {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.yielded {
+            return Poll::Ready(());
+        }
+        self.yielded = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -223,15 +264,19 @@ impl MokaCacheServiceBuilder {
 
     fn build_unchecked(self) -> MokaCacheService {
         let builder = MokaCache::builder().expire_after(EntryExpiry);
+        // aHash with per-process random keys: several times faster than std's SipHash on
+        // short keys (every get, set and prefix scan hashes), and still resistant to
+        // crafted-collision floods from tenant-chosen keys.
+        let hasher = ahash::RandomState::new();
         let cache = match self.capacity {
-            Capacity::Entries(n) => builder.max_capacity(n).build(),
+            Capacity::Entries(n) => builder.max_capacity(n).build_with_hasher(hasher),
             Capacity::Bytes(n) => builder
                 .max_capacity(n)
                 .weigher(|key: &String, entry: &Entry| {
                     let weight = key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD_BYTES;
                     u32::try_from(weight).unwrap_or(u32::MAX)
                 })
-                .build(),
+                .build_with_hasher(hasher),
         };
         MokaCacheService {
             cache,

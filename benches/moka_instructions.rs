@@ -1,0 +1,94 @@
+//! Instruction counts per operation, the measure that does not move with the machine's
+//! noise: `scripts/bench-instructions` runs this binary under `valgrind --tool=callgrind`,
+//! once with `OPS=0` and once with `OPS=N` for each contender, and divides the difference by
+//! N. Run directly (`cargo bench --bench moka_instructions`), it only runs every contender
+//! once as a smoke check.
+//!
+//! Environment: `CONTENDER` (one of the names below), `OPS` (operations to run).
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+use common::{OrgContext, TtlValue, decode, encode, fixture, runtime};
+
+/// Every contender, in the order the script reports them.
+const CONTENDERS: &[&str] = &[
+    "get/cachet",
+    "get/raw-moka",
+    "get/raw-mini-moka",
+    "set/cachet",
+    "set/raw-moka",
+    "set/raw-moka-per-entry-ttl",
+];
+
+fn run(contender: &str, ops: usize) {
+    let f = fixture();
+    let rt = runtime();
+    let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+    let raw_moka = common::raw_moka();
+    let raw_ttl = common::raw_moka_per_entry_ttl();
+    let raw_mini = common::raw_mini_moka();
+    rt.block_on(async {
+        // The reads need a full cache; the fill is the same whatever OPS is, so it cancels
+        // out of the difference.
+        for (k, v) in f.keys.iter().zip(&f.values) {
+            match contender {
+                "get/cachet" => cache.set(k, v, None).await.unwrap(),
+                "get/raw-moka" => raw_moka.insert(k.clone(), encode(v)),
+                "get/raw-mini-moka" => {
+                    raw_mini.insert(k.clone(), serde_json::to_string(v).unwrap())
+                }
+                _ => {}
+            }
+        }
+        for op in 0..ops {
+            let n = f.order[op % f.order.len()];
+            let (key, value) = (&f.keys[n], &f.values[n]);
+            match contender {
+                "get/cachet" => {
+                    black_box(cache.get::<OrgContext>(key).await.unwrap());
+                }
+                "get/raw-moka" => {
+                    black_box(raw_moka.get(key.as_str()).map(|b| decode(&b)));
+                }
+                "get/raw-mini-moka" => {
+                    let json = raw_mini.get(key);
+                    black_box(json.map(|j| serde_json::from_str::<OrgContext>(&j).unwrap()));
+                }
+                "set/cachet" => cache.set(key, value, None).await.unwrap(),
+                "set/raw-moka" => raw_moka.insert(key.to_owned(), encode(value)),
+                "set/raw-moka-per-entry-ttl" => {
+                    let ttl = Duration::from_secs(300);
+                    raw_ttl.insert(
+                        key.to_owned(),
+                        TtlValue {
+                            bytes: encode(value),
+                            ttl,
+                        },
+                    )
+                }
+                other => panic!("unknown CONTENDER {other:?}; one of {CONTENDERS:?}"),
+            }
+        }
+    });
+}
+
+fn main() {
+    let ops = std::env::var("OPS").ok().and_then(|v| v.parse().ok());
+    match std::env::var("CONTENDER") {
+        Ok(contender) => run(&contender, ops.unwrap_or(100_000)),
+        Err(_) => {
+            for contender in CONTENDERS {
+                run(contender, ops.unwrap_or(1_000));
+            }
+            println!(
+                "ran {} contenders; see scripts/bench-instructions",
+                CONTENDERS.len()
+            );
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The in-memory backend's cost ratios, measured interleaved: each round runs every
+//! contender for the same number of operations, one after the other, and the report gives
+//! the median over rounds. On a small shared machine this is steadier than timing each
+//! contender in its own stretch (what criterion does in `benches/moka.rs`).
+//!
+//! `cargo bench --bench moka_ratios` (`ROUNDS`, `OPS` override the defaults 15 and 200 000).
+
+mod common;
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+use common::{ACCESSES, OrgContext, TtlValue, decode, encode, fixture, runtime};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs each contender `ops` times per round for `rounds` rounds, in an order that rotates
+/// every round; the median ns per op of each.
+async fn interleaved<const N: usize>(
+    rounds: usize,
+    ops: usize,
+    mut run: impl AsyncFnMut(usize, usize),
+) -> [f64; N] {
+    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); N];
+    for round in 0..rounds {
+        // Rotate who goes first, so that no contender always follows the same other one.
+        for k in 0..N {
+            let which = (k + round) % N;
+            let start = Instant::now();
+            for op in 0..ops {
+                run(which, (op + round * 7919) % ACCESSES).await;
+            }
+            samples[which].push(start.elapsed().as_nanos() as f64 / ops as f64);
+        }
+    }
+    samples.map_or_else_median()
+}
+
+trait Median<const N: usize> {
+    fn map_or_else_median(self) -> [f64; N];
+}
+
+impl<const N: usize> Median<N> for Vec<Vec<f64>> {
+    fn map_or_else_median(mut self) -> [f64; N] {
+        let mut out = [0.0; N];
+        for (slot, times) in out.iter_mut().zip(self.iter_mut()) {
+            times.sort_by(f64::total_cmp);
+            *slot = times[times.len() / 2];
+        }
+        out
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; nothing else is understood here.
+    let rounds = env_or("ROUNDS", 15);
+    let ops = env_or("OPS", 200_000);
+    let f = fixture();
+    let rt = runtime();
+    let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+    let raw_moka = common::raw_moka();
+    let raw_mini = common::raw_mini_moka();
+
+    rt.block_on(async {
+        // Each cache filled in a loop of its own, so that no contender's entries sit
+        // interleaved with another's in memory (that alone moves results by 20%).
+        for (k, v) in f.keys.iter().zip(&f.values) {
+            cache.set(k, v, None).await.unwrap();
+        }
+        for (k, v) in f.keys.iter().zip(&f.values) {
+            raw_moka.insert(k.clone(), encode(v));
+        }
+        for (k, v) in f.keys.iter().zip(&f.values) {
+            raw_mini.insert(k.clone(), serde_json::to_string(v).unwrap());
+        }
+        let [cachet, moka, mini] = interleaved::<3>(rounds, ops, async |which, i| {
+            let key = &f.keys[f.order[i]];
+            match which {
+                0 => {
+                    black_box(cache.get::<OrgContext>(key).await.unwrap());
+                }
+                1 => {
+                    black_box(decode(&raw_moka.get(key.as_str()).unwrap()));
+                }
+                _ => {
+                    let json = raw_mini.get(key).unwrap();
+                    black_box(serde_json::from_str::<OrgContext>(&json).unwrap());
+                }
+            }
+        })
+        .await;
+        println!(
+            "typed get hit, ns/op (median of {rounds} interleaved rounds of {ops}): \
+             cachet {cachet:.0}, raw moka + decode {moka:.0}, raw mini-moka + from_str {mini:.0}"
+        );
+        println!(
+            "  ratio cachet / raw moka = {:.3}, cachet / raw mini-moka = {:.3}",
+            cachet / moka,
+            cachet / mini
+        );
+
+        // Fresh caches for the writes.
+        let raw_moka_ttl = common::raw_moka_per_entry_ttl();
+        let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+        let raw_moka = common::raw_moka();
+        let [cachet, moka, moka_ttl] = interleaved::<3>(rounds, ops, async |which, i| {
+            let n = f.order[i];
+            let (key, value) = (&f.keys[n], &f.values[n]);
+            match which {
+                0 => cache.set(key, value, None).await.unwrap(),
+                1 => raw_moka.insert(key.to_owned(), encode(value)),
+                _ => {
+                    let ttl = Duration::from_secs(300);
+                    raw_moka_ttl.insert(
+                        key.to_owned(),
+                        TtlValue {
+                            bytes: encode(value),
+                            ttl,
+                        },
+                    )
+                }
+            }
+        })
+        .await;
+        println!(
+            "typed set, ns/op: cachet {cachet:.0}, raw moka insert + encode {moka:.0}, \
+             raw moka per-entry TTL insert + encode {moka_ttl:.0}"
+        );
+        println!(
+            "  ratio cachet / raw moka = {:.3}, cachet / raw moka per-entry TTL = {:.3}",
+            cachet / moka,
+            cachet / moka_ttl
+        );
+    });
+}
