@@ -5,16 +5,20 @@
 //! cargo run --example quickstart
 //! ```
 //!
-//! With no setup it runs on the in-memory backend (`MokaCacheService`). The Redis backend
-//! joins with the Redis issue; until then, setting `REDIS_URL` makes this example say so and
-//! exit with status 2 rather than silently use memory.
+//! With no setup it runs on the in-memory backend (`MokaCacheService`); with `REDIS_URL` set
+//! (for example `REDIS_URL=redis://127.0.0.1:6379 cargo run --example quickstart`) it runs
+//! the same steps on Redis. Every key it writes starts with `quickstart:`, and it removes
+//! only those, so it is safe to point at a Redis that holds other data.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cachet::{CacheError, CacheService, CacheServiceExt, MokaCacheService};
+use cachet::{CacheError, CacheService, CacheServiceExt, CacheSettings};
+
+/// Every key this example writes starts with this, and it removes nothing else.
+const PREFIX: &str = "quickstart:";
 use serde::{Deserialize, Serialize};
 
 /// What the app caches per org.
@@ -62,34 +66,37 @@ async fn resolve(
     slug: &str,
     ttl_secs: Option<u64>,
 ) -> Result<Option<OrgContext>, CacheError> {
-    let key = format!("org:{slug}");
+    let key = format!("{PREFIX}org:{slug}");
     if let Some(ctx) = cache.get::<OrgContext>(&key).await? {
-        println!("  {key:<14} hit   -> {}", ctx.name);
+        println!("  {key:<24} hit   -> {}", ctx.name);
         return Ok(Some(ctx));
     }
     let Some(ctx) = store.load_by_slug(slug).await else {
-        println!("  {key:<14} miss  -> not in the store");
+        println!("  {key:<24} miss  -> not in the store");
         return Ok(None);
     };
     cache.set(&key, &ctx, ttl_secs).await?;
     println!(
-        "  {key:<14} miss  -> loaded {} from the store, cached",
+        "  {key:<24} miss  -> loaded {} from the store, cached",
         ctx.name
     );
     Ok(Some(ctx))
 }
 
 #[tokio::main]
-async fn main() -> Result<(), CacheError> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        eprintln!(
-            "REDIS_URL is set ({url}), but the Redis backend is not part of cachet yet; \
-             unset REDIS_URL to run this example on the in-memory backend."
-        );
-        std::process::exit(2);
+async fn main() {
+    if let Err(e) = run().await {
+        eprintln!("quickstart: {e}");
+        std::process::exit(1);
     }
+}
 
-    let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+async fn run() -> Result<(), CacheError> {
+    // REDIS_URL set: Redis; unset: in memory. A bad URL or an unreachable server is an error
+    // that says which, within the connect timeout.
+    let cache: Arc<dyn CacheService> = CacheSettings::from_env()?.build().await?;
+    // Start clean: remove what an earlier run left (only this example's keys).
+    cache.invalidate_prefix(PREFIX).await?;
     let store = FakeOrgStore::default();
     println!("backend: {cache:?}");
 
@@ -106,19 +113,22 @@ async fn main() -> Result<(), CacheError> {
 
     println!("\n3. prefix invalidation removes every org entry, and says how many:");
     resolve(&*cache, &store, "initech", None).await?;
-    cache.set("org:id:1", &1, None).await?;
-    cache.set("session:42", &"not an org key", None).await?;
-    let removed = cache.invalidate_prefix("org:").await?;
-    println!("  invalidate_prefix(\"org:\") removed {removed} entries");
+    cache.set(&format!("{PREFIX}org:id:1"), &1, None).await?;
+    cache
+        .set(&format!("{PREFIX}session:42"), &"not an org key", None)
+        .await?;
+    let removed = cache.invalidate_prefix(&format!("{PREFIX}org:")).await?;
+    println!("  invalidate_prefix(\"{PREFIX}org:\") removed {removed} entries");
     resolve(&*cache, &store, "acme", None).await?;
-    let session: Option<String> = cache.get("session:42").await?;
-    println!("  session:42 still cached: {}", session.is_some());
+    let session: Option<String> = cache.get(&format!("{PREFIX}session:42")).await?;
+    println!("  {PREFIX}session:42 still cached: {}", session.is_some());
 
     println!("\n4. a bad value under a key is an error that names it, not a panic:");
+    let corrupt = format!("{PREFIX}org:corrupt");
     cache
-        .set_bytes("org:corrupt", bytes::Bytes::from_static(b"{not json"), None)
+        .set_bytes(&corrupt, bytes::Bytes::from_static(b"{not json"), None)
         .await?;
-    match cache.get::<OrgContext>("org:corrupt").await {
+    match cache.get::<OrgContext>(&corrupt).await {
         Err(e) => println!("  {e}"),
         Ok(v) => println!("  unexpected: {v:?}"),
     }
@@ -127,5 +137,6 @@ async fn main() -> Result<(), CacheError> {
         "\nstore loads: {} (for 8 resolutions)",
         store.loads.load(Ordering::Relaxed)
     );
+    cache.invalidate_prefix(PREFIX).await?;
     Ok(())
 }

@@ -56,6 +56,16 @@ pub enum CacheError {
         #[source]
         source: BoxError,
     },
+    /// A service could not be built from its settings: a malformed URL, a default TTL of 0,
+    /// a server that cannot be reached when the service starts.
+    #[error("cannot build the cache service: {message}")]
+    Config {
+        /// What is wrong, with the server or setting it concerns (never a password).
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
     /// The call itself was wrong, for example a TTL of zero seconds.
     #[error("invalid argument for key {key}: {message}")]
     InvalidArgument {
@@ -93,6 +103,14 @@ impl CacheError {
             operation,
             key: KeyName::new(key),
             source: source.into(),
+        }
+    }
+
+    /// A [`CacheError::Config`].
+    pub fn config(message: impl Into<String>, source: Option<BoxError>) -> Self {
+        CacheError::Config {
+            message: message.into(),
+            source,
         }
     }
 

@@ -36,6 +36,7 @@
 
 pub mod backend;
 pub mod codec;
+mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
@@ -43,7 +44,10 @@ mod error;
 mod mock;
 pub mod service;
 
-pub use backend::{Cache, MokaCacheService, MokaCacheServiceBuilder};
+pub use backend::{
+    Cache, MokaCacheService, MokaCacheServiceBuilder, RedisCacheService, RedisCacheServiceBuilder,
+};
+pub use config::{CacheSettings, build_cache_service};
 pub use error::{BoxError, CacheError, KeyName};
 #[cfg(feature = "mock")]
 pub use mock::MockCacheService;

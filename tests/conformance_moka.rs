@@ -88,7 +88,7 @@ fn invalid_default_ttl_is_an_error() {
             .default_ttl_secs(secs)
             .build()
             .unwrap_err();
-        assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err}");
+        assert!(matches!(err, CacheError::Config { .. }), "{err}");
     }
 }
 

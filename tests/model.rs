@@ -1,10 +1,15 @@
-//! Property test: random operation sequences give the same results on the in-memory backend
-//! as on a plain `BTreeMap`.
+//! Property tests: random operation sequences give the same results on the in-memory backend
+//! as on a plain `BTreeMap`, and the same results on a real Redis as on the in-memory backend.
+
+mod support;
+
+use std::sync::OnceLock;
 
 use cachet::conformance::model::{Op, run_on_model, run_on_service};
 use cachet::conformance::unique_prefix;
-use cachet::{CacheService, MokaCacheService};
+use cachet::{CacheService, MokaCacheService, RedisCacheService};
 use proptest::prelude::*;
+use support::RedisServer;
 
 /// Keys from a small alphabet, glob characters included, so that operations collide often
 /// and prefixes with `*`, `?`, `[`, `]`, `\` get exercised.
@@ -35,5 +40,30 @@ proptest! {
         let prefix = unique_prefix("model");
         let got = runtime.block_on(run_on_service(&cache as &dyn CacheService, &prefix, &ops));
         prop_assert_eq!(got, run_on_model(&ops));
+    }
+}
+
+fn redis() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn redis_matches_moka(ops in proptest::collection::vec(op(), 1..60)) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let (on_redis, on_moka) = runtime.block_on(async {
+            let redis = RedisCacheService::new(&redis().url(), 300).await.unwrap();
+            let moka = MokaCacheService::default();
+            let prefix = unique_prefix("model-redis");
+            (
+                run_on_service(&redis, &prefix, &ops).await,
+                run_on_service(&moka, &prefix, &ops).await,
+            )
+        });
+        prop_assert_eq!(&on_redis, &on_moka);
+        prop_assert_eq!(on_redis, run_on_model(&ops));
     }
 }

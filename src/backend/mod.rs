@@ -1,10 +1,12 @@
 //! The backends, and [`Cache`], the enum over them that the builders return.
 
 pub mod moka;
+pub mod redis;
 
 use enum_dispatch::enum_dispatch;
 
 pub use moka::{MokaCacheService, MokaCacheServiceBuilder};
+pub use redis::{RedisCacheService, RedisCacheServiceBuilder};
 
 /// Every backend in one type: calls dispatch through a `match`, not a vtable.
 ///
@@ -28,4 +30,6 @@ pub use moka::{MokaCacheService, MokaCacheServiceBuilder};
 pub enum Cache {
     /// The in-process backend.
     Moka(MokaCacheService),
+    /// Redis or Valkey: standalone, Cluster or Sentinel.
+    Redis(RedisCacheService),
 }

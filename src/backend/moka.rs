@@ -248,15 +248,15 @@ impl MokaCacheServiceBuilder {
     }
 
     /// Builds the service; a default TTL of 0 or above [`MAX_TTL_SECS`] is
-    /// [`CacheError::InvalidArgument`].
+    /// [`CacheError::Config`].
     pub fn build(self) -> Result<MokaCacheService, CacheError> {
         if self.default_ttl_secs == 0 || self.default_ttl_secs > MAX_TTL_SECS {
-            return Err(CacheError::invalid_argument(
-                "",
+            return Err(CacheError::config(
                 format!(
                     "default_ttl_secs must be within 1..={MAX_TTL_SECS}, got {}",
                     self.default_ttl_secs
                 ),
+                None,
             ));
         }
         Ok(self.build_unchecked())

@@ -1,0 +1,574 @@
+//! The Redis backend, on `fred` 10: standalone, Cluster, Sentinel (and Valkey).
+
+use std::borrow::Cow;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::prelude::{
+    Builder, Client, ClientLike, Config, Error as RedisError, Expiration, KeysInterface, Pool,
+    ReconnectPolicy, ServerConfig,
+};
+use fred::types::Key;
+use fred::types::scan::Scanner;
+use futures_util::stream::{BoxStream, StreamExt};
+
+use crate::service::{DEFAULT_TTL_SECS, MAX_TTL_SECS, resolve_ttl};
+use crate::{BoxError, CacheError, CacheService};
+
+/// Default time allowed to connect (TCP, TLS, `AUTH`) before the service fails to build.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default time allowed for one command, reconnection waits included.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// Default `COUNT` hint of each `SCAN` page in `invalidate_prefix`.
+pub const DEFAULT_SCAN_COUNT: u32 = 1_000;
+
+/// The URL schemes a Redis service accepts (anything else is refused before connecting).
+const SCHEMES: &[&str] = &[
+    "redis",
+    "rediss",
+    "redis-cluster",
+    "rediss-cluster",
+    "redis-sentinel",
+    "rediss-sentinel",
+    "valkey",
+    "valkeys",
+    "valkey-cluster",
+    "valkeys-cluster",
+    "valkey-sentinel",
+    "valkeys-sentinel",
+];
+
+/// The cache on Redis (or Valkey): many instances share what one writes.
+///
+/// One auto-pipelined `fred` client by default (the fastest on the machines measured; a
+/// pool is one builder call away). Every command has a timeout (2 s by default), so a server
+/// that is down or dies mid-call gives [`CacheError::Backend`] naming it within that bound,
+/// never a hang; the client reconnects in the background, and the same service works again
+/// once the server is back.
+///
+/// A key is stored under exactly its name (one Redis key per entry) unless a namespace is
+/// configured; `None` as TTL stores it with the default TTL; `invalidate_prefix` runs `SCAN
+/// MATCH` on the escaped literal prefix (on every primary of a cluster) and `UNLINK`s what it
+/// finds in batches, grouped by hash slot.
+///
+/// URLs: `redis://[user:password@]host:port[/db]`, `rediss://` (TLS, system roots),
+/// `redis-cluster://host:port?node=host2:port2&node=...`,
+/// `redis-sentinel://host:port/db?sentinelServiceName=NAME&node=...` (the hosts are
+/// sentinels).
+///
+/// ```no_run
+/// use cachet::{CacheServiceExt, RedisCacheService};
+/// use std::time::Duration;
+///
+/// # #[tokio::main] async fn main() -> Result<(), cachet::CacheError> {
+/// let cache = RedisCacheService::new("redis://127.0.0.1:6379", 300).await?;
+/// cache.set("org:acme", &"Acme", None).await?;
+///
+/// let tuned = RedisCacheService::builder("redis-cluster://10.0.0.1:7000?node=10.0.0.2:7000")
+///     .command_timeout(Duration::from_millis(500))
+///     .namespace("billing:")
+///     .build()
+///     .await?;
+/// # let _ = tuned; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisCacheService {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connection: Connection,
+    /// What errors name: the server(s), never a password.
+    server: String,
+    namespace: String,
+    default_ttl: Duration,
+    command_timeout: Duration,
+    scan_count: u32,
+    clustered: bool,
+}
+
+enum Connection {
+    Single(Client),
+    Pool(Pool),
+}
+
+impl Connection {
+    fn client(&self) -> &Client {
+        match self {
+            Connection::Single(client) => client,
+            Connection::Pool(pool) => pool.next(),
+        }
+    }
+
+    fn clients(&self) -> Vec<Client> {
+        match self {
+            Connection::Single(client) => vec![client.clone()],
+            Connection::Pool(pool) => pool.clients().to_vec(),
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the connections (and stop reconnecting) when the last handle goes away.
+        let clients = self.connection.clients();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                for client in clients {
+                    let _ = client.quit().await;
+                }
+            });
+        }
+    }
+}
+
+impl RedisCacheService {
+    /// Connects to `redis_url` with the defaults (one client, connect timeout 5 s, command
+    /// timeout 2 s, no namespace) and `default_ttl_secs` for `set` calls that pass `None`.
+    ///
+    /// A malformed URL or a default TTL of 0 is [`CacheError::Config`]; a server that cannot
+    /// be reached within the connect timeout is [`CacheError::Backend`] naming it.
+    pub async fn new(redis_url: &str, default_ttl_secs: u64) -> Result<Self, CacheError> {
+        Self::builder(redis_url)
+            .default_ttl_secs(default_ttl_secs)
+            .build()
+            .await
+    }
+
+    /// A builder for `redis_url` with the defaults.
+    pub fn builder(redis_url: impl Into<String>) -> RedisCacheServiceBuilder {
+        RedisCacheServiceBuilder {
+            url: redis_url.into(),
+            default_ttl_secs: DEFAULT_TTL_SECS,
+            pool_size: 1,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+            namespace: String::new(),
+            scan_count: DEFAULT_SCAN_COUNT,
+            reconnect_min_delay: Duration::from_millis(50),
+            reconnect_max_delay: Duration::from_secs(2),
+            reconnect_max_attempts: 0,
+        }
+    }
+
+    /// The TTL applied when a `set` passes `None`.
+    pub fn default_ttl(&self) -> Duration {
+        self.inner.default_ttl
+    }
+
+    /// The server(s) this service talks to, as errors name them.
+    pub fn server(&self) -> &str {
+        &self.inner.server
+    }
+
+    /// The underlying `fred` client (one of the pool's, if a pool is configured), for
+    /// commands cachet does not wrap. Keys written through it are not namespaced.
+    pub fn client(&self) -> &Client {
+        self.inner.connection.client()
+    }
+
+    fn full_key<'k>(&self, key: &'k str) -> Cow<'k, str> {
+        if self.inner.namespace.is_empty() {
+            Cow::Borrowed(key)
+        } else {
+            Cow::Owned(format!("{}{key}", self.inner.namespace))
+        }
+    }
+
+    fn backend_error(&self, operation: &'static str, key: &str, error: RedisError) -> CacheError {
+        CacheError::backend(
+            self.inner.server.clone(),
+            operation,
+            key,
+            Box::new(error) as BoxError,
+        )
+    }
+
+    fn timeout_error(&self, operation: &'static str, key: &str) -> CacheError {
+        CacheError::backend(
+            self.inner.server.clone(),
+            operation,
+            key,
+            format!(
+                "no answer within the command timeout of {:?}",
+                self.inner.command_timeout
+            ),
+        )
+    }
+
+    /// Unlinks `keys`, in one command per hash slot on a cluster; returns how many existed.
+    async fn unlink_batch(
+        &self,
+        client: &Client,
+        keys: Vec<Key>,
+        prefix: &str,
+    ) -> Result<u64, CacheError> {
+        if !self.inner.clustered {
+            return client
+                .unlink::<u64, _>(keys)
+                .await
+                .map_err(|e| self.backend_error("invalidate_prefix", prefix, e));
+        }
+        let groups = fred::util::group_by_hash_slot(keys)
+            .map_err(|e| self.backend_error("invalidate_prefix", prefix, e))?;
+        let unlinks = groups
+            .into_values()
+            .map(|group| client.unlink::<u64, _>(group.into_iter().collect::<Vec<_>>()));
+        let mut removed = 0;
+        for result in futures_util::future::join_all(unlinks).await {
+            removed += result.map_err(|e| self.backend_error("invalidate_prefix", prefix, e))?;
+        }
+        Ok(removed)
+    }
+}
+
+impl fmt::Debug for RedisCacheService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCacheService")
+            .field("server", &self.inner.server)
+            .field("namespace", &self.inner.namespace)
+            .field("default_ttl", &self.inner.default_ttl)
+            .field("command_timeout", &self.inner.command_timeout)
+            .field("clustered", &self.inner.clustered)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl CacheService for RedisCacheService {
+    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
+        let full = self.full_key(key);
+        self.client()
+            .get::<Option<Bytes>, _>(full.as_ref())
+            .await
+            .map_err(|e| self.backend_error("get", key, e))
+    }
+
+    async fn set_bytes(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<(), CacheError> {
+        let ttl = resolve_ttl(key, ttl_secs, self.inner.default_ttl)?;
+        // At most 100 years of milliseconds: far inside i64.
+        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let full = self.full_key(key);
+        self.client()
+            .set::<(), _, _>(
+                full.as_ref(),
+                value,
+                Some(Expiration::PX(millis)),
+                None,
+                false,
+            )
+            .await
+            .map_err(|e| self.backend_error("set", key, e))
+    }
+
+    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
+        let full = self.full_key(key);
+        self.client()
+            .unlink::<u64, _>(full.as_ref())
+            .await
+            .map(drop)
+            .map_err(|e| self.backend_error("invalidate", key, e))
+    }
+
+    async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+        let pattern = format!("{}*", escape_glob(&self.full_key(prefix)));
+        let client = self.client().clone();
+        let count = Some(self.inner.scan_count);
+        let mut pages: BoxStream<'_, Result<_, RedisError>> = if self.inner.clustered {
+            client.scan_cluster(pattern, count, None).boxed()
+        } else {
+            client.scan(pattern, count, None).boxed()
+        };
+        let mut removed = 0u64;
+        loop {
+            let page = tokio::time::timeout(self.inner.command_timeout, pages.next())
+                .await
+                .map_err(|_| self.timeout_error("invalidate_prefix", prefix))?;
+            let Some(page) = page else { break };
+            let mut page = page.map_err(|e| self.backend_error("invalidate_prefix", prefix, e))?;
+            let keys = page.take_results().unwrap_or_default();
+            // Ask for the next page now, so that the server scans while we unlink.
+            page.next();
+            if !keys.is_empty() {
+                // SCAN can return a key twice: the UNLINK results count each key once.
+                removed += self.unlink_batch(&client, keys, prefix).await?;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Escapes every glob character of `literal` for `SCAN MATCH`, so the pattern
+/// `escape_glob(p) + "*"` matches exactly the keys that start with `p`.
+///
+/// ```
+/// use cachet::backend::redis::escape_glob;
+///
+/// assert_eq!(escape_glob("org:acme"), "org:acme");
+/// assert_eq!(escape_glob(r"a*b?c[d]e\f"), r"a\*b\?c\[d\]e\\f");
+/// ```
+pub fn escape_glob(literal: &str) -> String {
+    let mut escaped = String::with_capacity(literal.len() + 8);
+    for c in literal.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
+/// `url` with any password replaced by `***`, for messages.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// The server(s) of a config, as messages name them.
+fn describe_server(config: &Config) -> String {
+    let scheme = if config.tls.is_some() {
+        "rediss"
+    } else {
+        "redis"
+    };
+    match &config.server {
+        ServerConfig::Centralized { server } => {
+            format!("{scheme}://{}:{}", server.host, server.port)
+        }
+        ServerConfig::Clustered { hosts, .. } => {
+            let hosts: Vec<String> = hosts
+                .iter()
+                .map(|h| format!("{}:{}", h.host, h.port))
+                .collect();
+            format!("{scheme}-cluster://{}", hosts.join(","))
+        }
+        ServerConfig::Sentinel {
+            hosts,
+            service_name,
+            ..
+        } => {
+            let hosts: Vec<String> = hosts
+                .iter()
+                .map(|h| format!("{}:{}", h.host, h.port))
+                .collect();
+            format!(
+                "{scheme}-sentinel://{} (service {service_name})",
+                hosts.join(",")
+            )
+        }
+        #[allow(unreachable_patterns)]
+        _ => format!("{scheme} server"),
+    }
+}
+
+/// Builds a [`RedisCacheService`]; every setting has a default.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use cachet::RedisCacheService;
+///
+/// # #[tokio::main] async fn main() -> Result<(), cachet::CacheError> {
+/// let cache = RedisCacheService::builder("redis://cache:secret@127.0.0.1:6379/0")
+///     .default_ttl_secs(600)
+///     .connect_timeout(Duration::from_secs(2))
+///     .command_timeout(Duration::from_millis(250))
+///     .reconnect_backoff(Duration::from_millis(20), Duration::from_secs(1))
+///     .namespace("myapp:")
+///     .build()
+///     .await?;
+/// # let _ = cache; Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisCacheServiceBuilder {
+    url: String,
+    default_ttl_secs: u64,
+    pool_size: usize,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+    namespace: String,
+    scan_count: u32,
+    reconnect_min_delay: Duration,
+    reconnect_max_delay: Duration,
+    reconnect_max_attempts: u32,
+}
+
+impl fmt::Debug for RedisCacheServiceBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisCacheServiceBuilder")
+            .field("url", &redact_url(&self.url))
+            .field("default_ttl_secs", &self.default_ttl_secs)
+            .field("pool_size", &self.pool_size)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .field("namespace", &self.namespace)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisCacheServiceBuilder {
+    /// The TTL for a `set` that passes `None` (default 300 s; `1..=MAX_TTL_SECS`).
+    pub fn default_ttl_secs(mut self, secs: u64) -> Self {
+        self.default_ttl_secs = secs;
+        self
+    }
+
+    /// Connections: 1 (the default) is one auto-pipelined client, which measured fastest;
+    /// more builds a round-robin `fred` pool.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size;
+        self
+    }
+
+    /// Time allowed to connect when the service is built and on each reconnection (default
+    /// 5 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Time allowed for each command, including waiting for a reconnection (default 2 s);
+    /// past it the call fails with [`CacheError::Backend`].
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+
+    /// A prefix put before every key (for example `"myapp:"`), so that several apps can share
+    /// one Redis; `invalidate_prefix` never reaches outside it. Default: none, a key is
+    /// stored under exactly its name.
+    pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
+        self.namespace = namespace.into();
+        self
+    }
+
+    /// The `COUNT` hint of each `SCAN` page in `invalidate_prefix` (default 1 000).
+    pub fn scan_count(mut self, count: u32) -> Self {
+        self.scan_count = count.max(1);
+        self
+    }
+
+    /// Reconnection delays: exponential from `min` to `max` (defaults 50 ms, 2 s), with
+    /// jitter, forever unless [`reconnect_max_attempts`](Self::reconnect_max_attempts).
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.reconnect_min_delay = min;
+        self.reconnect_max_delay = max.max(min);
+        self
+    }
+
+    /// Stop reconnecting after this many failed attempts in a row (default 0: never stop).
+    pub fn reconnect_max_attempts(mut self, attempts: u32) -> Self {
+        self.reconnect_max_attempts = attempts;
+        self
+    }
+
+    /// Parses the URL, connects, and checks the server answers.
+    pub async fn build(self) -> Result<RedisCacheService, CacheError> {
+        if self.default_ttl_secs == 0 || self.default_ttl_secs > MAX_TTL_SECS {
+            return Err(CacheError::config(
+                format!(
+                    "default_ttl_secs must be within 1..={MAX_TTL_SECS}, got {}",
+                    self.default_ttl_secs
+                ),
+                None,
+            ));
+        }
+        if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
+            return Err(CacheError::config(
+                "timeouts must be longer than zero",
+                None,
+            ));
+        }
+        let scheme = self.url.split_once("://").map(|(scheme, _)| scheme);
+        if !scheme.is_some_and(|s| SCHEMES.contains(&s.to_ascii_lowercase().as_str())) {
+            return Err(CacheError::config(
+                format!(
+                    "invalid Redis URL {}: the scheme must be one of {}",
+                    redact_url(&self.url),
+                    SCHEMES.join(", ")
+                ),
+                None,
+            ));
+        }
+        let config = Config::from_url(&self.url).map_err(|e| {
+            CacheError::config(
+                format!("invalid Redis URL {}", redact_url(&self.url)),
+                Some(Box::new(e)),
+            )
+        })?;
+        let server = describe_server(&config);
+        let clustered = config.server.is_clustered();
+
+        let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);
+        let policy = ReconnectPolicy::new_exponential(
+            self.reconnect_max_attempts,
+            millis(self.reconnect_min_delay),
+            millis(self.reconnect_max_delay),
+            2,
+        );
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_performance_config(|perf| {
+                perf.default_command_timeout = self.command_timeout;
+            })
+            .with_connection_config(|conn| {
+                conn.connection_timeout = self.connect_timeout;
+                conn.internal_command_timeout = self.command_timeout.max(self.connect_timeout);
+            })
+            .set_policy(policy);
+
+        let config_error = |e: RedisError| {
+            CacheError::config(
+                format!("cannot configure a client for {server}"),
+                Some(Box::new(e)),
+            )
+        };
+        let connection = if self.pool_size > 1 {
+            Connection::Pool(builder.build_pool(self.pool_size).map_err(config_error)?)
+        } else {
+            Connection::Single(builder.build().map_err(config_error)?)
+        };
+
+        let connect = async {
+            match &connection {
+                Connection::Single(client) => client.init().await.map(drop),
+                Connection::Pool(pool) => pool.init().await.map(drop),
+            }
+        };
+        // `init` gives up on the first failed attempt; the outer bound also covers a server
+        // that accepts the connection and then never answers.
+        let bound = self.connect_timeout + self.command_timeout;
+        let connected = match tokio::time::timeout(bound, connect).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Box::new(e) as BoxError),
+            Err(_) => Err(format!("no connection within {bound:?}").into()),
+        };
+        let service = RedisCacheService {
+            inner: Arc::new(Inner {
+                connection,
+                server: server.clone(),
+                namespace: self.namespace,
+                default_ttl: Duration::from_secs(self.default_ttl_secs),
+                command_timeout: self.command_timeout,
+                scan_count: self.scan_count,
+                clustered,
+            }),
+        };
+        // On failure, dropping `service` closes the half-open client.
+        connected.map_err(|source| CacheError::backend(server, "connect", "", source))?;
+        Ok(service)
+    }
+}

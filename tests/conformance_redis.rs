@@ -1,0 +1,100 @@
+//! The conformance suite against real servers started by `tests/support`: a standalone
+//! redis-server, a 3-primary Redis Cluster, a Sentinel setup (primary + replica + sentinel)
+//! and Valkey. One server of each kind is shared by the tests of this binary; every test has
+//! its own key prefix, so they run in parallel without flushing anything.
+
+mod support;
+
+use std::sync::OnceLock;
+
+use cachet::RedisCacheService;
+use support::{RedisCluster, RedisServer, SentinelSetup};
+
+fn standalone() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start)
+}
+
+fn valkey() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start_valkey)
+}
+
+fn sentinel() -> &'static SentinelSetup {
+    static SETUP: OnceLock<SentinelSetup> = OnceLock::new();
+    SETUP.get_or_init(SentinelSetup::start)
+}
+
+async fn connect(url: String) -> RedisCacheService {
+    match RedisCacheService::new(&url, 300).await {
+        Ok(service) => service,
+        Err(e) => panic!("cannot connect to {url}: {e}"),
+    }
+}
+
+mod redis_standalone {
+    cachet::conformance_tests!(super::connect(super::standalone().url()).await);
+}
+
+mod redis_cluster {
+    cachet::conformance_tests!(super::connect(super::RedisCluster::shared().url()).await);
+}
+
+mod redis_sentinel {
+    cachet::conformance_tests!(super::connect(super::sentinel().url()).await);
+}
+
+mod valkey_standalone {
+    cachet::conformance_tests!(super::connect(super::valkey().url()).await);
+}
+
+mod through_cache_enum {
+    cachet::conformance_tests!(cachet::Cache::from(
+        super::connect(super::standalone().url()).await
+    ));
+}
+
+mod namespaced {
+    cachet::conformance_tests!(
+        cachet::RedisCacheService::builder(super::standalone().url())
+            .namespace("tenant-a:")
+            .build()
+            .await
+            .unwrap()
+    );
+}
+
+#[tokio::test]
+async fn keys_are_stored_under_exactly_their_name_with_the_default_ttl() {
+    let server = standalone();
+    let cache = connect(server.url()).await;
+    let key = format!("{}plain key", cachet::conformance::unique_prefix("layout"));
+    cachet::CacheServiceExt::set(&cache, &key, &"v", None)
+        .await
+        .unwrap();
+    assert_eq!(server.cli(&["GET", &key]).trim(), "\"v\"");
+    let ttl: u64 = server.cli(&["TTL", &key]).trim().parse().unwrap();
+    assert!((295..=300).contains(&ttl), "TTL {ttl}");
+}
+
+#[tokio::test]
+async fn a_namespace_prefixes_keys_and_bounds_prefix_invalidation() {
+    let server = standalone();
+    let base = cachet::conformance::unique_prefix("ns");
+    let a = RedisCacheService::builder(server.url())
+        .namespace(format!("{base}a:"))
+        .build()
+        .await
+        .unwrap();
+    let b = RedisCacheService::builder(server.url())
+        .namespace(format!("{base}b:"))
+        .build()
+        .await
+        .unwrap();
+    use cachet::{CacheService, CacheServiceExt};
+    a.set("k", &1, None).await.unwrap();
+    b.set("k", &2, None).await.unwrap();
+    assert_eq!(server.cli(&["GET", &format!("{base}a:k")]).trim(), "1");
+    assert_eq!(a.invalidate_prefix("").await.unwrap(), 1);
+    assert_eq!(b.get::<i32>("k").await.unwrap(), Some(2));
+}

