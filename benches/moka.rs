@@ -27,19 +27,7 @@ fn get_hit(c: &mut Criterion) {
     let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
     let raw_moka = common::raw_moka();
     let raw_mini = common::raw_mini_moka();
-    // Each cache filled in a loop of its own, so that no contender's entries sit
-    // interleaved with another's in memory (that alone moves results by 20%).
-    rt.block_on(async {
-        for (k, v) in f.keys.iter().zip(&f.values) {
-            cache.set(k, v, None).await.unwrap();
-        }
-    });
-    for (k, v) in f.keys.iter().zip(&f.values) {
-        raw_moka.insert(k.clone(), encode(v));
-    }
-    for (k, v) in f.keys.iter().zip(&f.values) {
-        raw_mini.insert(k.clone(), serde_json::to_string(v).unwrap());
-    }
+    rt.block_on(common::fill_for_reads(&f, &*cache, &raw_moka, &raw_mini));
 
     let mut group = c.benchmark_group("typed_get_hit");
     let mut i = 0usize;

@@ -69,17 +69,7 @@ fn main() {
     let raw_mini = common::raw_mini_moka();
 
     rt.block_on(async {
-        // Each cache filled in a loop of its own, so that no contender's entries sit
-        // interleaved with another's in memory (that alone moves results by 20%).
-        for (k, v) in f.keys.iter().zip(&f.values) {
-            cache.set(k, v, None).await.unwrap();
-        }
-        for (k, v) in f.keys.iter().zip(&f.values) {
-            raw_moka.insert(k.clone(), encode(v));
-        }
-        for (k, v) in f.keys.iter().zip(&f.values) {
-            raw_mini.insert(k.clone(), serde_json::to_string(v).unwrap());
-        }
+        common::fill_for_reads(&f, &*cache, &raw_moka, &raw_mini).await;
         let [cachet, moka, mini] = interleaved::<3>(rounds, ops, async |which, i| {
             let key = &f.keys[f.order[i]];
             match which {

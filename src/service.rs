@@ -191,6 +191,22 @@ pub fn resolve_ttl(
     }
 }
 
+/// Checks a backend's configured default TTL: `1..=MAX_TTL_SECS`, else [`CacheError::Config`].
+///
+/// ```
+/// assert!(cachet::service::check_default_ttl(300).is_ok());
+/// assert!(cachet::service::check_default_ttl(0).is_err());
+/// ```
+pub fn check_default_ttl(secs: u64) -> Result<Duration, CacheError> {
+    if secs == 0 || secs > MAX_TTL_SECS {
+        return Err(CacheError::config(
+            format!("default_ttl_secs must be within 1..={MAX_TTL_SECS}, got {secs}"),
+            None,
+        ));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 /// The boxed future `#[async_trait]` methods return.
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache as MokaCache;
 
-use crate::service::{DEFAULT_TTL_SECS, MAX_TTL_SECS, resolve_ttl};
+use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{CacheError, CacheService};
 
 /// Default capacity of [`MokaCacheService::default`], in entries.
@@ -247,18 +247,10 @@ impl MokaCacheServiceBuilder {
         self
     }
 
-    /// Builds the service; a default TTL of 0 or above [`MAX_TTL_SECS`] is
+    /// Builds the service; a default TTL of 0 or above [`MAX_TTL_SECS`](crate::MAX_TTL_SECS) is
     /// [`CacheError::Config`].
     pub fn build(self) -> Result<MokaCacheService, CacheError> {
-        if self.default_ttl_secs == 0 || self.default_ttl_secs > MAX_TTL_SECS {
-            return Err(CacheError::config(
-                format!(
-                    "default_ttl_secs must be within 1..={MAX_TTL_SECS}, got {}",
-                    self.default_ttl_secs
-                ),
-                None,
-            ));
-        }
+        check_default_ttl(self.default_ttl_secs)?;
         Ok(self.build_unchecked())
     }
 

@@ -15,7 +15,7 @@ use fred::types::Key;
 use fred::types::scan::Scanner;
 use futures_util::stream::{BoxStream, StreamExt};
 
-use crate::service::{DEFAULT_TTL_SECS, MAX_TTL_SECS, resolve_ttl};
+use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{BoxError, CacheError, CacheService};
 
 /// Default time allowed to connect (TCP, TLS, `AUTH`) before the service fails to build.
@@ -477,15 +477,7 @@ impl RedisCacheServiceBuilder {
 
     /// Parses the URL, connects, and checks the server answers.
     pub async fn build(self) -> Result<RedisCacheService, CacheError> {
-        if self.default_ttl_secs == 0 || self.default_ttl_secs > MAX_TTL_SECS {
-            return Err(CacheError::config(
-                format!(
-                    "default_ttl_secs must be within 1..={MAX_TTL_SECS}, got {}",
-                    self.default_ttl_secs
-                ),
-                None,
-            ));
-        }
+        check_default_ttl(self.default_ttl_secs)?;
         if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(CacheError::config(
                 "timeouts must be longer than zero",
