@@ -98,3 +98,22 @@ async fn a_namespace_prefixes_keys_and_bounds_prefix_invalidation() {
     assert_eq!(a.invalidate_prefix("").await.unwrap(), 1);
     assert_eq!(b.get::<i32>("k").await.unwrap(), Some(2));
 }
+
+mod pooled {
+    cachet::conformance_tests!(
+        cachet::RedisCacheService::builder(super::standalone().url())
+            .pool_size(3)
+            .build()
+            .await
+            .unwrap()
+    );
+}
+
+mod valkey_cluster {
+    fn cluster() -> &'static super::RedisCluster {
+        static CLUSTER: std::sync::OnceLock<super::RedisCluster> = std::sync::OnceLock::new();
+        CLUSTER.get_or_init(super::RedisCluster::start_valkey)
+    }
+
+    cachet::conformance_tests!(super::connect(cluster().url()).await);
+}
