@@ -196,3 +196,49 @@ async fn sentinel_failover_is_followed() {
         "the write went to the promoted replica"
     );
 }
+
+#[tokio::test]
+async fn acl_user_and_password_from_the_url() {
+    let server = RedisServer::start_with(
+        &support::binaries::redis_server(),
+        &[
+            "--user",
+            "alice",
+            "on",
+            ">s3cret-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "--user",
+            "default",
+            "off",
+        ],
+    );
+    let port = server.port();
+    let cache = RedisCacheService::new(&format!("redis://alice:s3cret-pw@127.0.0.1:{port}"), 300)
+        .await
+        .expect("alice can connect");
+    cache.set("acl:k", &1, None).await.unwrap();
+    assert_eq!(cache.get::<i32>("acl:k").await.unwrap(), Some(1));
+
+    for url in [
+        format!("redis://alice:wrong-pw@127.0.0.1:{port}"),
+        format!("redis://127.0.0.1:{port}"),
+    ] {
+        let result = bounded(
+            "build with bad credentials",
+            RedisCacheService::builder(&url)
+                .connect_timeout(Duration::from_secs(1))
+                .build(),
+        )
+        .await;
+        match result {
+            Err(e @ CacheError::Backend { .. }) => {
+                let text = format!("{e} {e:?}");
+                assert!(text.contains(&port.to_string()), "names the server: {text}");
+                assert!(!text.contains("wrong-pw"), "no password in errors: {text}");
+            }
+            other => panic!("{url}: expected Backend, got {other:?}"),
+        }
+    }
+}

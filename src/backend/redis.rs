@@ -151,6 +151,7 @@ impl RedisCacheService {
             reconnect_min_delay: Duration::from_millis(50),
             reconnect_max_delay: Duration::from_secs(2),
             reconnect_max_attempts: 0,
+            tls_root_certificates_pem: None,
         }
     }
 
@@ -338,6 +339,34 @@ fn redact_url(url: &str) -> String {
     }
 }
 
+/// A TLS configuration that trusts exactly the certificates in `pem`.
+fn tls_with_roots(pem: &[u8]) -> Result<fred::types::config::TlsConfig, CacheError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+
+    let bad = |what: &str, e: BoxError| CacheError::config(format!("TLS roots: {what}"), Some(e));
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| bad("unreadable PEM", Box::new(e)))?;
+        roots
+            .add(cert)
+            .map_err(|e| bad("unusable certificate", Box::new(e)))?;
+    }
+    if roots.is_empty() {
+        return Err(CacheError::config(
+            "TLS roots: no certificate in the PEM",
+            None,
+        ));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("protocol versions", Box::new(e)))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(fred::types::config::TlsConnector::from(client).into())
+}
+
 /// The server(s) of a config, as messages name them.
 fn describe_server(config: &Config) -> String {
     let scheme = if config.tls.is_some() {
@@ -404,6 +433,7 @@ pub struct RedisCacheServiceBuilder {
     reconnect_min_delay: Duration,
     reconnect_max_delay: Duration,
     reconnect_max_attempts: u32,
+    tls_root_certificates_pem: Option<Vec<u8>>,
 }
 
 impl fmt::Debug for RedisCacheServiceBuilder {
@@ -475,6 +505,13 @@ impl RedisCacheServiceBuilder {
         self
     }
 
+    /// Trusts the CA certificate(s) in `pem` (PEM text) instead of the system's roots, for a
+    /// `rediss://` server whose certificate a private CA signed. Needs a TLS URL.
+    pub fn tls_root_certificates_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls_root_certificates_pem = Some(pem.into());
+        self
+    }
+
     /// Parses the URL, connects, and checks the server answers.
     pub async fn build(self) -> Result<RedisCacheService, CacheError> {
         check_default_ttl(self.default_ttl_secs)?;
@@ -495,12 +532,24 @@ impl RedisCacheServiceBuilder {
                 None,
             ));
         }
-        let config = Config::from_url(&self.url).map_err(|e| {
+        let mut config = Config::from_url(&self.url).map_err(|e| {
             CacheError::config(
                 format!("invalid Redis URL {}", redact_url(&self.url)),
                 Some(Box::new(e)),
             )
         })?;
+        if let Some(pem) = &self.tls_root_certificates_pem {
+            if config.tls.is_none() {
+                return Err(CacheError::config(
+                    format!(
+                        "TLS root certificates were given, but {} is not a TLS URL (rediss://)",
+                        redact_url(&self.url)
+                    ),
+                    None,
+                ));
+            }
+            config.tls = Some(tls_with_roots(pem)?);
+        }
         let server = describe_server(&config);
         let clustered = config.server.is_clustered();
 
