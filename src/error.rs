@@ -184,3 +184,84 @@ impl fmt::Debug for KeyName {
         fmt::Display::fmt(self, f)
     }
 }
+
+/// What went wrong taking or holding a lock.
+///
+/// ```
+/// use std::time::Duration;
+/// use cachet::{ConcurrencyService, LocalConcurrencyService, LockError, LockOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let locks = LocalConcurrencyService::default();
+/// let _held = locks.acquire("token:alice", &LockOptions::default()).await.unwrap();
+/// let err = locks
+///     .acquire("token:alice", &LockOptions::default().wait_timeout(Duration::ZERO))
+///     .await
+///     .unwrap_err();
+/// assert!(matches!(err, LockError::Timeout { .. }));
+/// assert!(err.to_string().contains("token:alice"));
+/// # }
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// Another holder kept the lock for the whole wait.
+    #[error("lock {key} still held by another holder after waiting {waited:?}")]
+    Timeout {
+        /// The lock's key.
+        key: KeyName,
+        /// How long this call waited.
+        waited: std::time::Duration,
+    },
+    /// The lock's lease ran out (or the lock was taken away) before it was released: another
+    /// holder may have run at the same time.
+    #[error("the lease on lock {key} was lost before release")]
+    LeaseLost {
+        /// The lock's key.
+        key: KeyName,
+    },
+    /// The backend (a server, a connection) failed or did not answer in time.
+    #[error("lock backend {backend} failed on {operation} of lock {key}: {source}")]
+    Backend {
+        /// The backend and, for a remote one, its server address.
+        backend: String,
+        /// `acquire`, `release` or `renew`.
+        operation: &'static str,
+        /// The lock's key.
+        key: KeyName,
+        /// What the backend reported.
+        #[source]
+        source: BoxError,
+    },
+    /// The call or the settings were wrong (an empty key, a zero lease, a bad URL).
+    #[error("invalid lock argument for {key}: {message}")]
+    InvalidArgument {
+        /// The lock's key (empty for settings).
+        key: KeyName,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl From<CacheError> for LockError {
+    /// A lock service built on a cache connection reports the connection's errors.
+    fn from(error: CacheError) -> Self {
+        match error {
+            CacheError::Backend {
+                backend,
+                operation,
+                key,
+                source,
+            } => LockError::Backend {
+                backend,
+                operation,
+                key,
+                source,
+            },
+            other => LockError::InvalidArgument {
+                key: KeyName::new(""),
+                message: other.to_string(),
+            },
+        }
+    }
+}

@@ -40,6 +40,7 @@ mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 mod error;
+pub mod lock;
 #[cfg(feature = "mock")]
 mod mock;
 pub mod service;
@@ -48,7 +49,11 @@ pub use backend::{
     Cache, MokaCacheService, MokaCacheServiceBuilder, RedisCacheService, RedisCacheServiceBuilder,
 };
 pub use config::{CacheSettings, build_cache_service};
-pub use error::{BoxError, CacheError, KeyName};
+pub use error::{BoxError, CacheError, KeyName, LockError};
+pub use lock::{
+    Concurrency, ConcurrencyService, ConcurrencyServiceExt, LocalConcurrencyService, LockGuard,
+    LockOptions, RedisConcurrencyService, build_concurrency_service,
+};
 #[cfg(feature = "mock")]
 pub use mock::MockCacheService;
 pub use service::{CacheService, CacheServiceExt, DEFAULT_TTL_SECS, MAX_TTL_SECS};
