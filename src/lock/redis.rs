@@ -1,13 +1,14 @@
 //! Locks on Redis: one holder per key across every process that shares the server.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use fred::prelude::Client;
 use fred::types::scripts::Script;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, watch};
 
 use super::{ConcurrencyService, HeldLock, LockGuard, LockOptions};
 use crate::{BoxError, KeyName, LockError, RedisCacheService};
@@ -63,8 +64,9 @@ pub const DEFAULT_LOCK_PREFIX: &str = "lock:";
 ///   token (strictly increasing per key, across processes; the counter key never expires);
 /// - release: a Lua compare-and-delete, so only the holder's token can delete the lock;
 /// - while the guard lives, its lease is extended (compare-and-`PEXPIRE`) every third of the
-///   lease; if the lock is gone or someone else's, or the server cannot be reached for a
-///   whole lease, the guard is marked lost ([`LockGuard::is_lost`], [`LockGuard::lost`]);
+///   lease, by one keeper task per service (taking a lock spawns nothing); if the lock is
+///   gone or someone else's, or the server cannot be reached for a whole lease, the guard is
+///   marked lost ([`LockGuard::is_lost`], [`LockGuard::lost`]);
 /// - waiting retries with doubling, jittered delays, and gives up with `LockError::Timeout`
 ///   after the wait timeout; a server that does not answer is `LockError::Backend` within the
 ///   command timeout.
@@ -86,6 +88,7 @@ pub const DEFAULT_LOCK_PREFIX: &str = "lock:";
 pub struct RedisConcurrencyService {
     redis: RedisCacheService,
     prefix: String,
+    leases: Arc<Leases>,
 }
 
 impl RedisConcurrencyService {
@@ -100,6 +103,7 @@ impl RedisConcurrencyService {
         RedisConcurrencyService {
             redis,
             prefix: DEFAULT_LOCK_PREFIX.to_owned(),
+            leases: Arc::default(),
         }
     }
 
@@ -161,13 +165,13 @@ struct RedisHeld {
     service: RedisConcurrencyService,
     key: String,
     token: String,
-    /// Stops the renewal (or lease-expiry) task; dropped on release.
-    stop: Option<oneshot::Sender<()>>,
+    /// This hold's entry in the service's lease keeper.
+    lease_id: u64,
 }
 
 impl RedisHeld {
-    async fn release_now(mut self) -> Result<(), LockError> {
-        drop(self.stop.take());
+    async fn release_now(self) -> Result<(), LockError> {
+        self.service.leases.forget(self.lease_id);
         let client = self.service.redis.client().clone();
         let keys = vec![self.service.lock_key(&self.key)];
         let released = release_script()
@@ -200,52 +204,173 @@ impl HeldLock for RedisHeld {
     }
 }
 
-/// Keeps the lease alive (or, without renewal, just marks it lost once it has run out)
-/// until `stop` fires or is dropped.
-async fn keep_lease(
-    client: Client,
+/// One held lease, as the keeper tracks it.
+struct Lease {
     lock_key: String,
     token: String,
     lease: Duration,
     renew: bool,
+    /// Until when the lease is known to hold (the last successful write or renewal + lease).
+    valid_until: Instant,
     lost: watch::Sender<bool>,
-    mut stop: oneshot::Receiver<()>,
-) {
-    let mut valid_until = Instant::now() + lease;
+}
+
+/// The leases of one service and the one task that keeps them: it renews each about every
+/// third of its lease (compare-and-`PEXPIRE`) and marks a guard lost when its lock is gone,
+/// someone else's, or unreachable for a whole lease. Taking and releasing a lock only
+/// touch this map (no task per lock); the keeper is woken only when a new lease is due
+/// before everything it already waits for.
+#[derive(Default)]
+struct Leases {
+    state: Mutex<LeaseState>,
+    wake: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct LeaseState {
+    next_id: u64,
+    held: HashMap<u64, Lease>,
+    /// (when to look at it next, id); entries of released leases are skipped when due.
+    schedule: BTreeSet<(Instant, u64)>,
+    /// The instant the keeper sleeps until, if it is running.
+    keeper_wakes_at: Option<Instant>,
+    keeper: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Leases {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Tracks a new lease; starts the keeper if needed, wakes it if this lease is due first.
+    fn track(self: &Arc<Self>, client: &Client, lease: Lease) -> u64 {
+        let due = next_look(&lease);
+        let mut state = self.lock();
+        state.next_id += 1;
+        let id = state.next_id;
+        state.held.insert(id, lease);
+        state.schedule.insert((due, id));
+        let running = state.keeper.as_ref().is_some_and(|k| !k.is_finished());
+        if !running {
+            state.keeper_wakes_at = None;
+            let keeper = keep_leases(Arc::downgrade(self), Arc::clone(&self.wake), client.clone());
+            state.keeper = Some(tokio::spawn(keeper));
+        } else if state.keeper_wakes_at.is_none_or(|at| due < at) {
+            self.wake.notify_one();
+        }
+        id
+    }
+
+    fn forget(&self, id: u64) {
+        self.lock().held.remove(&id);
+    }
+}
+
+impl Drop for Leases {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.lock().keeper.take() {
+            keeper.abort();
+        }
+    }
+}
+
+/// When the keeper should look at `lease` next.
+fn next_look(lease: &Lease) -> Instant {
+    if lease.renew {
+        Instant::now() + lease.lease / 3
+    } else {
+        lease.valid_until
+    }
+}
+
+/// The keeper task of one service; ends when the service is gone.
+async fn keep_leases(leases: Weak<Leases>, wake: Arc<Notify>, client: Client) {
     loop {
-        let wait = if renew {
-            lease / 3
-        } else {
-            valid_until.saturating_duration_since(Instant::now())
-        };
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if !renew {
-            let _ = lost.send(true);
+        let Some(shared) = leases.upgrade() else {
             return;
+        };
+        // Take what is due; note when to wake next.
+        let now = Instant::now();
+        let mut due = Vec::new();
+        let wake_at = {
+            let mut state = shared.lock();
+            while let Some(&(at, id)) = state.schedule.first() {
+                if at > now {
+                    break;
+                }
+                state.schedule.pop_first();
+                if let Some(lease) = state.held.get(&id) {
+                    due.push((
+                        id,
+                        lease.lock_key.clone(),
+                        lease.token.clone(),
+                        lease.lease,
+                        lease.renew,
+                    ));
+                }
+            }
+            let wake_at = state.schedule.first().map(|&(at, _)| at);
+            state.keeper_wakes_at = if due.is_empty() { wake_at } else { Some(now) };
+            wake_at
+        };
+
+        if due.is_empty() {
+            // Hold no strong reference while asleep: dropping the service ends this task.
+            drop(shared);
+            let notified = wake.notified();
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+                None => notified.await,
+            }
+            continue;
         }
-        let renewed = renew_script()
-            .evalsha_with_reload::<i64, _, _>(
-                &client,
-                vec![lock_key.clone()],
-                vec![token.clone(), millis(lease).to_string()],
-            )
-            .await;
-        match renewed {
-            Ok(1) => valid_until = Instant::now() + lease,
-            // The lock is gone or someone else's.
-            Ok(_) => {
-                let _ = lost.send(true);
-                return;
+
+        let renewals = due.into_iter().map(|(id, lock_key, token, lease, renew)| {
+            let client = client.clone();
+            async move {
+                if !renew {
+                    return (id, None);
+                }
+                let args = vec![token, millis(lease).to_string()];
+                let result = renew_script()
+                    .evalsha_with_reload::<i64, _, _>(&client, vec![lock_key], args)
+                    .await;
+                (id, Some(result))
             }
-            // Server unreachable: the lease may still hold until `valid_until`.
-            Err(_) if Instant::now() >= valid_until => {
-                let _ = lost.send(true);
-                return;
+        });
+        let results = futures_util::future::join_all(renewals).await;
+        let now = Instant::now();
+        let mut state = shared.lock();
+        for (id, result) in results {
+            let Some(lease) = state.held.get_mut(&id) else {
+                continue;
+            };
+            let lost = match result {
+                None => true, // not renewing: the lease has run out
+                Some(Ok(1)) => {
+                    lease.valid_until = now + lease.lease;
+                    false
+                }
+                Some(Ok(_)) => true, // gone, or someone else's
+                Some(Err(_)) => now >= lease.valid_until,
+            };
+            if lost {
+                let _ = lease.lost.send(true);
+                state.held.remove(&id);
+            } else {
+                let lease = &state.held[&id];
+                let next = if now >= lease.valid_until {
+                    now
+                } else {
+                    next_look(lease)
+                };
+                state.schedule.insert((next, id));
             }
-            Err(_) => {}
         }
     }
 }
@@ -261,27 +386,30 @@ impl ConcurrencyService for RedisConcurrencyService {
         let started = Instant::now();
         let mut attempt = 0;
         loop {
+            // The lease counts from before the request left: never later than the server's.
+            let started_try = Instant::now();
             let fence = acquire_script()
                 .evalsha_with_reload::<i64, _, _>(&client, keys.clone(), args.clone())
                 .await
                 .map_err(|e| self.backend("acquire", key, Box::new(e)))?;
             if fence > 0 {
                 let (lost_tx, lost_rx) = watch::channel(false);
-                let (stop_tx, stop_rx) = oneshot::channel();
-                tokio::spawn(keep_lease(
-                    client,
-                    self.lock_key(key),
-                    token.clone(),
-                    options.lease,
-                    options.renew,
-                    lost_tx,
-                    stop_rx,
-                ));
+                let lease_id = self.leases.track(
+                    &client,
+                    Lease {
+                        lock_key: self.lock_key(key),
+                        token: token.clone(),
+                        lease: options.lease,
+                        renew: options.renew,
+                        valid_until: started_try + options.lease,
+                        lost: lost_tx,
+                    },
+                );
                 let held = RedisHeld {
                     service: self.clone(),
                     key: key.to_owned(),
                     token,
-                    stop: Some(stop_tx),
+                    lease_id,
                 };
                 return Ok(LockGuard::new(key, fence as u64, lost_rx, Box::new(held)));
             }
