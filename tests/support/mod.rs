@@ -30,7 +30,7 @@ mod server;
 #[allow(unused_imports)]
 pub use self::{
     cluster::RedisCluster,
-    ports::free_port,
+    ports::{free_port, release_port},
     resp::{Resp, resp_command, resp_request},
     sentinel::SentinelSetup,
     server::RedisServer,

@@ -12,7 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::binaries;
-use super::ports::free_port;
+use super::ports::{free_port, release_port, reservation_files};
 use super::resp::{self, Resp};
 
 /// How long a server may take to answer `PING` after its process starts.
@@ -107,7 +107,7 @@ impl RedisServer {
                 fs::write(dir.join("server.conf"), config)
                     .unwrap_or_else(|e| panic!("write {}/server.conf: {e}", dir.display()));
             }
-            let watchdog = Watchdog::spawn(&dir);
+            let watchdog = Watchdog::spawn(&dir, &reservation_files(port));
             let server = RedisServer {
                 launch: launch.clone(),
                 port,
@@ -372,6 +372,7 @@ impl Drop for RedisServer {
         }
         drop(state);
         let _ = fs::remove_dir_all(&self.dir);
+        release_port(self.port);
     }
 }
 
@@ -392,16 +393,20 @@ while read -r _line; do :; done
 pid=$(cat "$1" 2>/dev/null)
 if [ -n "$pid" ]; then kill -9 -- "-$pid" 2>/dev/null || kill -9 "$pid" 2>/dev/null; fi
 rm -rf "$2"
+shift 2
+for f in "$@"; do [ "$(cat "$f" 2>/dev/null)" = "$PPID_AT_START" ] && rm -f "$f"; done
 "#;
 
 impl Watchdog {
-    fn spawn(dir: &Path) -> Self {
+    fn spawn(dir: &Path, reservations: &[PathBuf]) -> Self {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(WATCHDOG_SCRIPT)
             .arg("cachet-test-watchdog")
             .arg(dir.join("server.pid.watchdog"))
             .arg(dir)
+            .args(reservations)
+            .env("PPID_AT_START", std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
