@@ -117,3 +117,29 @@ mod valkey_cluster {
 
     cachet::conformance_tests!(super::connect(cluster().url()).await);
 }
+
+/// Many SCAN pages (their COUNT adapting on the way): still exactly the matching keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_prefix_invalidation_is_exact() {
+    use cachet::{CacheService, CacheServiceExt};
+    let server = RedisServer::start(); // private: DBSIZE below must count only these keys
+    let cache = connect(server.url()).await;
+    for chunk in (0..60_000u32).collect::<Vec<_>>().chunks(2_000) {
+        let writes = chunk.iter().map(|&i| {
+            let key = if i % 12 == 0 {
+                format!("hot:[{i}]*")
+            } else {
+                format!("cold:{i}")
+            };
+            let cache = &cache;
+            async move { cache.set(&key, &i, None).await }
+        });
+        for result in futures_util::future::join_all(writes).await {
+            result.unwrap();
+        }
+    }
+    assert_eq!(cache.invalidate_prefix("hot:[").await.unwrap(), 5_000);
+    assert_eq!(server.cli(&["DBSIZE"]).trim(), "55000");
+    assert_eq!(cache.invalidate_prefix("hot:").await.unwrap(), 0);
+    assert_eq!(cache.get::<u32>("cold:1").await.unwrap(), Some(1));
+}

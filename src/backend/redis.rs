@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -13,7 +13,8 @@ use fred::prelude::{
 };
 use fred::types::Key;
 use fred::types::scan::Scanner;
-use futures_util::stream::{BoxStream, StreamExt};
+use futures_util::future::BoxFuture;
+use futures_util::stream::StreamExt;
 
 use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{BoxError, CacheError, CacheService};
@@ -22,7 +23,7 @@ use crate::{BoxError, CacheError, CacheService};
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default time allowed for one command, reconnection waits included.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// Default `COUNT` hint of each `SCAN` page in `invalidate_prefix`.
+/// Default `COUNT` hint of the first `SCAN` page in `invalidate_prefix`.
 pub const DEFAULT_SCAN_COUNT: u32 = 1_000;
 
 /// The URL schemes a Redis service accepts (anything else is refused before connecting).
@@ -282,12 +283,95 @@ impl CacheService for RedisCacheService {
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
         let pattern = format!("{}*", escape_glob(&self.full_key(prefix)));
         let client = self.client().clone();
-        let count = Some(self.inner.scan_count);
-        let mut pages: BoxStream<'_, Result<_, RedisError>> = if self.inner.clustered {
-            client.scan_cluster(pattern, count, None).boxed()
+        if self.inner.clustered {
+            self.invalidate_prefix_cluster(&client, pattern, prefix)
+                .await
         } else {
-            client.scan(pattern, count, None).boxed()
-        };
+            self.invalidate_prefix_adaptive(&client, pattern, prefix)
+                .await
+        }
+    }
+}
+
+/// `SCAN` pages are resized to take about this long each (round trip included): long
+/// enough to need few round trips, short enough that other clients' commands never wait
+/// behind one for long.
+const SCAN_PAGE_TARGET: Duration = Duration::from_millis(1);
+/// Bounds of the adaptive `COUNT`.
+const SCAN_COUNT_RANGE: (u32, u32) = (100, 20_000);
+
+impl RedisCacheService {
+    /// Standalone and Sentinel: a `SCAN` cursor loop whose `COUNT` adapts so that each call
+    /// takes about [`SCAN_PAGE_TARGET`], with each page's `UNLINK` sent while the next page
+    /// is scanned.
+    async fn invalidate_prefix_adaptive(
+        &self,
+        client: &Client,
+        pattern: String,
+        prefix: &str,
+    ) -> Result<u64, CacheError> {
+        let mut cursor = String::from("0");
+        let mut count = self.inner.scan_count;
+        let mut removed = 0u64;
+        let mut unlinking: Option<BoxFuture<'_, Result<u64, CacheError>>> = None;
+        loop {
+            let scan = async {
+                let started = Instant::now();
+                let page = client
+                    .scan_page::<(String, Vec<Bytes>), _, _>(
+                        cursor.clone(),
+                        pattern.clone(),
+                        Some(count),
+                        None,
+                    )
+                    .await;
+                (page, started.elapsed())
+            };
+            let ((page, took), unlinked) = match unlinking.take() {
+                Some(unlink) => {
+                    let (scanned, unlinked) = futures_util::future::join(scan, unlink).await;
+                    (scanned, Some(unlinked))
+                }
+                None => (scan.await, None),
+            };
+            if let Some(unlinked) = unlinked {
+                removed += unlinked?;
+            }
+            let (next, keys) =
+                page.map_err(|e| self.backend_error("invalidate_prefix", prefix, e))?;
+            count = if took < SCAN_PAGE_TARGET / 2 {
+                count.saturating_mul(2).min(SCAN_COUNT_RANGE.1)
+            } else if took > SCAN_PAGE_TARGET * 2 {
+                (count / 2).max(SCAN_COUNT_RANGE.0)
+            } else {
+                count
+            };
+            if !keys.is_empty() {
+                let keys: Vec<Key> = keys.into_iter().map(Key::from).collect();
+                unlinking = Some(Box::pin(self.unlink_batch(client, keys, prefix)));
+            }
+            if next == "0" {
+                break;
+            }
+            cursor = next;
+        }
+        if let Some(unlink) = unlinking {
+            removed += unlink.await?;
+        }
+        Ok(removed)
+    }
+
+    /// Cluster: `SCAN` on every primary (fred's `scan_cluster`), `UNLINK` per page grouped
+    /// by hash slot, the next page requested before the current one is unlinked.
+    async fn invalidate_prefix_cluster(
+        &self,
+        client: &Client,
+        pattern: String,
+        prefix: &str,
+    ) -> Result<u64, CacheError> {
+        let mut pages = client
+            .scan_cluster(pattern, Some(self.inner.scan_count), None)
+            .boxed();
         let mut removed = 0u64;
         loop {
             let page = tokio::time::timeout(self.inner.command_timeout, pages.next())
@@ -296,11 +380,10 @@ impl CacheService for RedisCacheService {
             let Some(page) = page else { break };
             let mut page = page.map_err(|e| self.backend_error("invalidate_prefix", prefix, e))?;
             let keys = page.take_results().unwrap_or_default();
-            // Ask for the next page now, so that the server scans while we unlink.
             page.next();
             if !keys.is_empty() {
                 // SCAN can return a key twice: the UNLINK results count each key once.
-                removed += self.unlink_batch(&client, keys, prefix).await?;
+                removed += self.unlink_batch(client, keys, prefix).await?;
             }
         }
         Ok(removed)
@@ -485,7 +568,9 @@ impl RedisCacheServiceBuilder {
         self
     }
 
-    /// The `COUNT` hint of each `SCAN` page in `invalidate_prefix` (default 1 000).
+    /// The `COUNT` hint of the first `SCAN` page in `invalidate_prefix` (default 1 000). On
+    /// a standalone or Sentinel server later pages adapt (100 to 20 000) so that each call
+    /// takes about 1 ms; on a cluster every page uses this count.
     pub fn scan_count(mut self, count: u32) -> Self {
         self.scan_count = count.max(1);
         self
