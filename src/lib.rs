@@ -39,7 +39,9 @@ pub mod codec;
 mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod envelope;
 mod error;
+pub mod invalidation;
 pub mod lock;
 #[cfg(feature = "mock")]
 mod mock;
@@ -47,6 +49,7 @@ pub mod service;
 
 pub use backend::{
     Cache, MokaCacheService, MokaCacheServiceBuilder, RedisCacheService, RedisCacheServiceBuilder,
+    TieredCacheService, TieredCacheServiceBuilder,
 };
 pub use config::{CacheSettings, build_cache_service};
 pub use error::{BoxError, CacheError, KeyName, LockError};

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 // `enum_dispatch` writes `impl CacheService for Cache` here (the enum is expanded first), so
 // the generated code needs the variant types in scope.
-use crate::backend::{Cache, MokaCacheService, RedisCacheService};
+use crate::backend::{Cache, MokaCacheService, RedisCacheService, TieredCacheService};
 use crate::{CacheError, codec};
 
 /// The longest TTL any backend accepts: 100 years of 365 days, in seconds. Longer is a

@@ -2,11 +2,13 @@
 
 pub mod moka;
 pub mod redis;
+pub mod tiered;
 
 use enum_dispatch::enum_dispatch;
 
 pub use moka::{MokaCacheService, MokaCacheServiceBuilder};
 pub use redis::{RedisCacheService, RedisCacheServiceBuilder};
+pub use tiered::{TieredCacheService, TieredCacheServiceBuilder};
 
 /// Every backend in one type: calls dispatch through a `match`, not a vtable.
 ///
@@ -32,4 +34,6 @@ pub enum Cache {
     Moka(MokaCacheService),
     /// Redis or Valkey: standalone, Cluster or Sentinel.
     Redis(RedisCacheService),
+    /// An in-memory L1 per instance in front of Redis, invalidated over pub/sub.
+    Tiered(TieredCacheService),
 }

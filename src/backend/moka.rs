@@ -97,6 +97,21 @@ impl MokaCacheService {
         self.cache.entry_count()
     }
 
+    /// Stores `value` under `key` for `ttl` (any duration; used by the tiered cache's L1).
+    pub(crate) fn insert_for(&self, key: &str, value: Bytes, ttl: Duration) {
+        self.cache.insert(key.to_owned(), Entry { value, ttl });
+    }
+
+    /// Removes `key` (the synchronous form of `invalidate`).
+    pub(crate) fn forget(&self, key: &str) {
+        self.cache.invalidate(key);
+    }
+
+    /// Drops every entry (moka applies it lazily; reads stop seeing them at once).
+    pub fn clear(&self) {
+        self.cache.invalidate_all();
+    }
+
     /// Applies pending evictions and bookkeeping now (moka otherwise does it in batches).
     pub fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();

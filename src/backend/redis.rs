@@ -597,8 +597,9 @@ impl RedisCacheServiceBuilder {
         self
     }
 
-    /// Parses the URL, connects, and checks the server answers.
-    pub async fn build(self) -> Result<RedisCacheService, CacheError> {
+    /// Checks the settings and makes the `fred` builder they describe, with the server
+    /// label and whether it is a cluster.
+    pub(crate) fn fred_builder(&self) -> Result<(Builder, String, bool), CacheError> {
         check_default_ttl(self.default_ttl_secs)?;
         if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(CacheError::config(
@@ -655,7 +656,17 @@ impl RedisCacheServiceBuilder {
                 conn.internal_command_timeout = self.command_timeout.max(self.connect_timeout);
             })
             .set_policy(policy);
+        Ok((builder, server, clustered))
+    }
 
+    /// The bound on connecting: the connect timeout plus one command.
+    pub(crate) fn connect_bound(&self) -> Duration {
+        self.connect_timeout + self.command_timeout
+    }
+
+    /// Parses the URL, connects, and checks the server answers.
+    pub async fn build(self) -> Result<RedisCacheService, CacheError> {
+        let (builder, server, clustered) = self.fred_builder()?;
         let config_error = |e: RedisError| {
             CacheError::config(
                 format!("cannot configure a client for {server}"),
@@ -676,7 +687,7 @@ impl RedisCacheServiceBuilder {
         };
         // `init` gives up on the first failed attempt; the outer bound also covers a server
         // that accepts the connection and then never answers.
-        let bound = self.connect_timeout + self.command_timeout;
+        let bound = self.connect_bound();
         let connected = match tokio::time::timeout(bound, connect).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Box::new(e) as BoxError),

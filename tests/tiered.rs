@@ -1,0 +1,247 @@
+//! The tiered cache: L1 per instance, Redis L2, invalidation over pub/sub. Instances are
+//! separate `TieredCacheService` objects (separate L1s and connections) on one real Redis;
+//! each test has its own channel, and waits on the listener's notification, never a sleep,
+//! before checking what another instance serves.
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use cachet::{CacheService, CacheServiceExt, RedisCacheService, TieredCacheService};
+use support::{RedisCluster, RedisServer};
+
+const DELIVERY: Duration = Duration::from_secs(10);
+
+fn standalone() -> &'static RedisServer {
+    static SERVER: OnceLock<RedisServer> = OnceLock::new();
+    SERVER.get_or_init(RedisServer::start)
+}
+
+async fn instance(url: String, channel_prefix: &str) -> TieredCacheService {
+    TieredCacheService::builder(RedisCacheService::builder(url))
+        .channel_prefix(channel_prefix)
+        .build()
+        .await
+        .expect("tiered instance")
+}
+
+async fn conformance_instance(url: String) -> TieredCacheService {
+    let channel = cachet::conformance::unique_prefix("tiered-conformance");
+    instance(url, &channel).await
+}
+
+mod tiered_standalone {
+    cachet::conformance_tests!(super::conformance_instance(super::standalone().url()).await);
+}
+
+mod tiered_cluster {
+    cachet::conformance_tests!(
+        super::conformance_instance(super::RedisCluster::shared().url()).await
+    );
+}
+
+mod tiered_through_enum {
+    cachet::conformance_tests!(cachet::Cache::from(
+        super::conformance_instance(super::standalone().url()).await
+    ));
+}
+
+async fn instances(n: usize) -> (Vec<TieredCacheService>, String) {
+    let channel = cachet::conformance::unique_prefix("bus");
+    let mut all = Vec::new();
+    for _ in 0..n {
+        all.push(instance(standalone().url(), &channel).await);
+    }
+    (all, cachet::conformance::unique_prefix("tiered"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_on_one_instance_is_served_by_the_others_once_delivered() {
+    let (all, prefix) = instances(3).await;
+    let (a, b, c) = (&all[0], &all[1], &all[2]);
+    let key = format!("{prefix}org:acme");
+    a.set(&key, &"v1", None).await.unwrap();
+    for other in [b, c] {
+        // A fill that races an invalidation is dropped: let A's message land first.
+        assert!(other.wait_for_invalidations(1, DELIVERY).await, "delivery");
+        assert_eq!(
+            other.get::<String>(&key).await.unwrap().as_deref(),
+            Some("v1")
+        );
+        assert!(other.cached_locally(&key), "the read filled the L1");
+    }
+    for round in 2..20 {
+        let value = format!("v{round}");
+        let seen = [b.invalidations_applied(), c.invalidations_applied()];
+        a.set(&key, &value, None).await.unwrap();
+        for (other, before) in [(b, seen[0]), (c, seen[1])] {
+            assert!(
+                other.wait_for_invalidations(before + 1, DELIVERY).await,
+                "delivery"
+            );
+            assert_eq!(
+                other.get::<String>(&key).await.unwrap(),
+                Some(value.clone()),
+                "an instance served the old value after the message arrived"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_and_prefix_invalidation_reach_every_instance() {
+    let (all, prefix) = instances(3).await;
+    let (a, b, c) = (&all[0], &all[1], &all[2]);
+    for i in 0..10 {
+        a.set(&format!("{prefix}org:{i}"), &i, None).await.unwrap();
+    }
+    a.set(&format!("{prefix}user:1"), &1, None).await.unwrap();
+    for other in [b, c] {
+        for i in 0..10 {
+            assert_eq!(
+                other.get::<i32>(&format!("{prefix}org:{i}")).await.unwrap(),
+                Some(i)
+            );
+        }
+        assert!(other.cached_locally(&format!("{prefix}org:3")));
+    }
+
+    let seen = [b.invalidations_applied(), c.invalidations_applied()];
+    assert_eq!(
+        a.invalidate_prefix(&format!("{prefix}org:")).await.unwrap(),
+        10
+    );
+    for (other, before) in [(b, seen[0]), (c, seen[1])] {
+        assert!(other.wait_for_invalidations(before + 1, DELIVERY).await);
+        for i in 0..10 {
+            assert!(!other.cached_locally(&format!("{prefix}org:{i}")));
+            assert_eq!(
+                other.get::<i32>(&format!("{prefix}org:{i}")).await.unwrap(),
+                None
+            );
+        }
+        assert_eq!(
+            other.get::<i32>(&format!("{prefix}user:1")).await.unwrap(),
+            Some(1)
+        );
+    }
+
+    let seen = [b.invalidations_applied(), c.invalidations_applied()];
+    a.invalidate(&format!("{prefix}user:1")).await.unwrap();
+    for (other, before) in [(b, seen[0]), (c, seen[1])] {
+        assert!(other.wait_for_invalidations(before + 1, DELIVERY).await);
+        assert_eq!(
+            other.get::<i32>(&format!("{prefix}user:1")).await.unwrap(),
+            None
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_skips_its_own_messages() {
+    let (all, prefix) = instances(2).await;
+    let (a, b) = (&all[0], &all[1]);
+    let key = format!("{prefix}k");
+    a.set(&key, &1, None).await.unwrap();
+    assert!(
+        b.wait_for_invalidations(1, DELIVERY).await,
+        "B got A's message"
+    );
+    a.set(&key, &2, None).await.unwrap();
+    assert!(b.wait_for_invalidations(2, DELIVERY).await);
+    assert_eq!(
+        a.invalidations_applied(),
+        0,
+        "A applied none of its own messages"
+    );
+    assert!(a.cached_locally(&key), "A's own write stays in its L1");
+    assert_eq!(a.get::<i32>(&key).await.unwrap(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_is_ignored() {
+    let (all, prefix) = instances(2).await;
+    let (a, b) = (&all[0], &all[1]);
+    standalone().cli(&["PUBLISH", b.channel(), "garbage"]);
+    standalone().cli(&["PUBLISH", b.channel(), "CI\u{1}short"]);
+    let key = format!("{prefix}k");
+    a.set(&key, &1, None).await.unwrap();
+    assert!(
+        b.wait_for_invalidations(1, DELIVERY).await,
+        "a good message still arrives"
+    );
+    assert_eq!(b.malformed_messages(), 2);
+    assert_eq!(b.get::<i32>(&key).await.unwrap(), Some(1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_envelope_is_a_serialization_error() {
+    let (all, prefix) = instances(1).await;
+    let key = format!("{prefix}raw");
+    standalone().cli(&["SET", &key, "not an envelope"]);
+    let err = all[0].get_bytes(&key).await.unwrap_err();
+    assert!(
+        matches!(err, cachet::CacheError::Serialization { .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        standalone().cli(&["GET", &key]).trim(),
+        "not an envelope",
+        "left in place"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_clears_every_l1_and_service_recovers() {
+    let server = RedisServer::start();
+    let channel = cachet::conformance::unique_prefix("restart");
+    let fast = || {
+        RedisCacheService::builder(server.url())
+            .command_timeout(Duration::from_millis(500))
+            .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
+    };
+    let a = TieredCacheService::builder(fast())
+        .channel_prefix(&channel)
+        .build()
+        .await
+        .unwrap();
+    let b = TieredCacheService::builder(fast())
+        .channel_prefix(&channel)
+        .build()
+        .await
+        .unwrap();
+    a.set("k", &1, None).await.unwrap();
+    assert!(b.wait_for_invalidations(1, DELIVERY).await);
+    assert_eq!(b.get::<i32>("k").await.unwrap(), Some(1));
+    assert!(b.cached_locally("k"));
+    let resets = [a.l1_resets(), b.l1_resets()];
+
+    server.kill();
+    server.restart(); // comes back empty
+    for (instance, before) in [(&a, resets[0]), (&b, resets[1])] {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while instance.l1_resets() <= before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no L1 reset after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(!instance.cached_locally("k"), "the L1 was cleared");
+    }
+    // Working again, messages included.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while a.set("k", &2, None).await.is_err() {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(b.get::<i32>("k").await.unwrap(), Some(2));
+    let before = b.invalidations_applied();
+    a.set("k", &3, None).await.unwrap();
+    assert!(
+        b.wait_for_invalidations(before + 1, DELIVERY).await,
+        "messages flow again"
+    );
+    assert_eq!(b.get::<i32>("k").await.unwrap(), Some(3));
+}
