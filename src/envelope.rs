@@ -58,7 +58,7 @@ impl Envelope {
     /// let envelope = Envelope::new(Bytes::from_static(b"{}"), Duration::from_secs(60));
     /// let decoded = Envelope::decode("k", &envelope.encode()).unwrap();
     /// assert_eq!(decoded, envelope);
-    /// assert!(Envelope::decode("k", b"{}").is_err());
+    /// assert!(Envelope::decode("k", &Bytes::from_static(b"{}")).is_err());
     /// ```
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::with_capacity(HEADER_LEN + self.payload.len());
