@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use crate::service::DEFAULT_TTL_SECS;
-use crate::{CacheError, CacheService, MokaCacheService, RedisCacheService};
+use crate::{CacheError, CacheService, MokaCacheService, RedisCacheService, TieredCacheService};
 
 /// Builds the cache an app injects: Redis at `redis_url` when one is given (default TTL
 /// 300 s, connect timeout 5 s, command timeout 2 s), the in-memory backend otherwise.
@@ -25,6 +25,7 @@ pub async fn build_cache_service(
     CacheSettings {
         redis_url: redis_url.map(str::to_owned),
         default_ttl_secs: DEFAULT_TTL_SECS,
+        l1_ttl_secs: None,
     }
     .build()
     .await
@@ -43,6 +44,7 @@ pub async fn build_cache_service(
 /// .unwrap();
 /// assert_eq!(settings.redis_url.as_deref(), Some("redis://127.0.0.1:6379"));
 /// assert_eq!(settings.default_ttl_secs, 60);
+/// assert_eq!(settings.l1_ttl_secs, None); // CACHE_L1_TTL_SECS unset: plain Redis
 /// assert!(CacheSettings::from_vars(|_| Some("soon".to_owned())).is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq)]
@@ -51,6 +53,11 @@ pub struct CacheSettings {
     pub redis_url: Option<String>,
     /// `CACHE_DEFAULT_TTL_SECS`: the TTL of a `set` with `None` (default 300).
     pub default_ttl_secs: u64,
+    /// `CACHE_L1_TTL_SECS`: with a Redis URL, put an in-memory L1 of at most this many
+    /// seconds per entry in front of Redis ([`TieredCacheService`], invalidated over
+    /// pub/sub). Choose it when many instances read the same hot keys; leave it unset for
+    /// plain Redis.
+    pub l1_ttl_secs: Option<u64>,
 }
 
 impl std::fmt::Debug for CacheSettings {
@@ -58,12 +65,14 @@ impl std::fmt::Debug for CacheSettings {
         f.debug_struct("CacheSettings")
             .field("redis_url", &self.redis_url.as_ref().map(|_| "<set>"))
             .field("default_ttl_secs", &self.default_ttl_secs)
+            .field("l1_ttl_secs", &self.l1_ttl_secs)
             .finish()
     }
 }
 
 impl CacheSettings {
-    /// Reads `REDIS_URL` and `CACHE_DEFAULT_TTL_SECS` from the process environment.
+    /// Reads `REDIS_URL`, `CACHE_DEFAULT_TTL_SECS` and `CACHE_L1_TTL_SECS` from the process
+    /// environment.
     pub fn from_env() -> Result<Self, CacheError> {
         Self::from_vars(|name| std::env::var(name).ok())
     }
@@ -71,28 +80,40 @@ impl CacheSettings {
     /// Reads the settings through `var` (for tests, or another source of settings).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self, CacheError> {
         let redis_url = var("REDIS_URL").filter(|url| !url.trim().is_empty());
-        let default_ttl_secs = match var("CACHE_DEFAULT_TTL_SECS") {
-            None => DEFAULT_TTL_SECS,
-            Some(text) => text.trim().parse().map_err(|e| {
-                CacheError::config(
-                    format!("CACHE_DEFAULT_TTL_SECS must be a number of seconds, got {text:?}"),
-                    Some(Box::new(e)),
-                )
-            })?,
+        let seconds = |name: &str| -> Result<Option<u64>, CacheError> {
+            match var(name) {
+                None => Ok(None),
+                Some(text) => text.trim().parse().map(Some).map_err(|e| {
+                    CacheError::config(
+                        format!("{name} must be a number of seconds, got {text:?}"),
+                        Some(Box::new(e)),
+                    )
+                }),
+            }
         };
         Ok(CacheSettings {
             redis_url,
-            default_ttl_secs,
+            default_ttl_secs: seconds("CACHE_DEFAULT_TTL_SECS")?.unwrap_or(DEFAULT_TTL_SECS),
+            l1_ttl_secs: seconds("CACHE_L1_TTL_SECS")?,
         })
     }
 
     /// Builds the backend these settings choose.
     pub async fn build(&self) -> Result<Arc<dyn CacheService>, CacheError> {
-        match &self.redis_url {
-            Some(url) => Ok(Arc::new(
+        match (&self.redis_url, self.l1_ttl_secs) {
+            (Some(url), Some(l1_secs)) => {
+                let redis = RedisCacheService::builder(url).default_ttl_secs(self.default_ttl_secs);
+                Ok(Arc::new(
+                    TieredCacheService::builder(redis)
+                        .l1_max_ttl(std::time::Duration::from_secs(l1_secs))
+                        .build()
+                        .await?,
+                ))
+            }
+            (Some(url), None) => Ok(Arc::new(
                 RedisCacheService::new(url, self.default_ttl_secs).await?,
             )),
-            None => Ok(Arc::new(
+            (None, _) => Ok(Arc::new(
                 MokaCacheService::builder()
                     .default_ttl_secs(self.default_ttl_secs)
                     .build()?,

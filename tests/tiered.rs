@@ -245,3 +245,18 @@ async fn a_redis_restart_clears_every_l1_and_service_recovers() {
     );
     assert_eq!(b.get::<i32>("k").await.unwrap(), Some(3));
 }
+
+#[tokio::test]
+async fn settings_choose_the_tiered_backend_with_an_l1_ttl() {
+    let url = standalone().url();
+    let settings = cachet::CacheSettings::from_vars(|name| match name {
+        "REDIS_URL" => Some(url.clone()),
+        "CACHE_L1_TTL_SECS" => Some("5".to_owned()),
+        _ => None,
+    })
+    .unwrap();
+    let cache = settings.build().await.unwrap();
+    assert!(format!("{cache:?}").starts_with("TieredCacheService"), "{cache:?}");
+    let plain = cachet::build_cache_service(Some(&url)).await.unwrap();
+    assert!(format!("{plain:?}").starts_with("RedisCacheService"), "{plain:?}");
+}
