@@ -256,7 +256,56 @@ async fn settings_choose_the_tiered_backend_with_an_l1_ttl() {
     })
     .unwrap();
     let cache = settings.build().await.unwrap();
-    assert!(format!("{cache:?}").starts_with("TieredCacheService"), "{cache:?}");
+    assert!(
+        format!("{cache:?}").starts_with("TieredCacheService"),
+        "{cache:?}"
+    );
     let plain = cachet::build_cache_service(Some(&url)).await.unwrap();
-    assert!(format!("{plain:?}").starts_with("RedisCacheService"), "{plain:?}");
+    assert!(
+        format!("{plain:?}").starts_with("RedisCacheService"),
+        "{plain:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_an_instance_stops_its_listener_and_subscription() {
+    let channel_prefix = cachet::conformance::unique_prefix("drop");
+    let a = instance(standalone().url(), &channel_prefix).await;
+    let channel = a.channel().to_owned();
+    let subscribers = || {
+        let reply = standalone().cli(&["PUBSUB", "NUMSUB", &channel]);
+        reply.lines().last().unwrap_or("").trim().to_owned()
+    };
+    assert_eq!(subscribers(), "1");
+    drop(a);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while subscribers() != "0" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still subscribed after drop"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_on_a_cluster_see_each_others_writes() {
+    let channel = cachet::conformance::unique_prefix("cluster-bus");
+    let url = RedisCluster::shared().url();
+    let a = instance(url.clone(), &channel).await;
+    let b = instance(url, &channel).await;
+    let prefix = cachet::conformance::unique_prefix("cluster-tiered");
+    for i in 0..20 {
+        let key = format!("{prefix}{i}");
+        a.set(&key, &1, None).await.unwrap();
+        assert!(b.wait_for_invalidations(2 * i + 1, DELIVERY).await);
+        assert_eq!(b.get::<i32>(&key).await.unwrap(), Some(1));
+        a.set(&key, &2, None).await.unwrap();
+        assert!(b.wait_for_invalidations(2 * i + 2, DELIVERY).await);
+        assert_eq!(
+            b.get::<i32>(&key).await.unwrap(),
+            Some(2),
+            "stale after delivery"
+        );
+    }
 }
