@@ -13,6 +13,8 @@
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,39 +27,17 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use fred::prelude::{Expiration, KeysInterface, SetOptions};
 use fred::types::scripts::Script;
 
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0";
-
-/// The same acquire step cachet runs (lock and fencing counter in one Lua call).
-const ACQUIRE_WITH_FENCE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
-end
-return 0";
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn uncontended(c: &mut Criterion) {
     let server = support::RedisServer::start();
-    let rt = runtime();
+    let rt = common::multi_thread_runtime();
     let (locks, raw) = rt.block_on(async {
         let locks = RedisConcurrencyService::new(&server.url()).await.unwrap();
         let raw = RedisCacheService::new(&server.url(), 300).await.unwrap();
         (locks, raw)
     });
-    let script = Script::from_lua(RELEASE);
+    let script = Script::from_lua(cachet::lock::redis::RELEASE_SCRIPT);
     rt.block_on(script.load(raw.client())).unwrap();
-    let acquire = Script::from_lua(ACQUIRE_WITH_FENCE);
+    let acquire = Script::from_lua(cachet::lock::redis::ACQUIRE_SCRIPT);
     rt.block_on(acquire.load(raw.client())).unwrap();
     let options = LockOptions::default();
 
@@ -115,7 +95,7 @@ fn uncontended(c: &mut Criterion) {
 /// Time per lock/unlock cycle with 16 tasks taking turns on one key.
 fn contended(c: &mut Criterion) {
     let server = support::RedisServer::start();
-    let rt = runtime();
+    let rt = common::multi_thread_runtime();
     let redis: Arc<dyn ConcurrencyService> = Arc::new(
         rt.block_on(RedisConcurrencyService::new(&server.url()))
             .unwrap(),

@@ -33,14 +33,6 @@ use redis::aio::ConnectionManager;
 
 const KEYS: usize = 4_000;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 struct Contenders {
     cachet: Arc<dyn CacheService>,
     fred: Client,
@@ -109,7 +101,7 @@ async fn fred_set(client: &Client, key: &str, value: &OrgContext) {
 }
 
 fn sequential(c: &mut Criterion, server: &support::RedisServer) {
-    let rt = runtime();
+    let rt = common::multi_thread_runtime();
     let k = rt.block_on(contenders(&server.url()));
     rt.block_on(fill(&k));
     let value = OrgContext::sample(7);
@@ -217,7 +209,7 @@ async fn run_64(k: &Contenders, who: Who, write: bool, ops: u64) -> Duration {
 }
 
 fn throughput(c: &mut Criterion, server: &support::RedisServer) {
-    let rt = runtime();
+    let rt = common::multi_thread_runtime();
     let k = rt.block_on(contenders(&server.url()));
     rt.block_on(fill(&k));
     for (group_name, write) in [
@@ -290,7 +282,7 @@ async fn keys_del(conn: &mut ConnectionManager) -> u64 {
 }
 
 fn invalidation(c: &mut Criterion, server: &support::RedisServer) {
-    let rt = runtime();
+    let rt = common::multi_thread_runtime();
     let k = rt.block_on(contenders(&server.url()));
     let prober = rt.block_on(contenders(&server.url())).fred;
     rt.block_on(async {

@@ -27,14 +27,6 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 const KEYS: usize = 4_000;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
 fn key(i: usize) -> String {
     format!("bench:tiered:{i}")
 }
@@ -51,7 +43,7 @@ async fn tiered(url: &str, l1_ttl: Duration) -> TieredCacheService {
 fn benches(c: &mut Criterion) {
     let server = support::RedisServer::start();
     let url = server.url();
-    let rt = runtime();
+    let rt = common::multi_thread_runtime();
     let (a, b, slow_l1, redis, moka) = rt.block_on(async {
         let a = tiered(&url, Duration::from_secs(30)).await;
         let b = tiered(&url, Duration::from_secs(30)).await;

@@ -79,6 +79,16 @@ pub fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// The runtime of the benches that talk to a server: tokio multi-thread, 2 workers (the
+/// server shares the same 2 cores).
+pub fn multi_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Raw moka, no expiry: the cheapest moka there is.
 pub fn raw_moka() -> moka::sync::Cache<String, Bytes> {
     moka::sync::Cache::new(10_000)

@@ -13,23 +13,26 @@ use tokio::sync::{Notify, watch};
 use super::{ConcurrencyService, HeldLock, LockGuard, LockOptions};
 use crate::{BoxError, KeyName, LockError, RedisCacheService};
 
-/// Sets the lock if free (`SET NX PX`) and, only then, bumps the key's fencing counter.
-const ACQUIRE: &str = r"
+/// Sets the lock if free (`SET NX PX`) and, only then, bumps the key's fencing counter
+/// (`KEYS`: lock, fence; `ARGV`: token, lease in ms). Returns the fencing token, or 0.
+pub const ACQUIRE_SCRIPT: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return redis.call('INCR', KEYS[2])
 end
 return 0";
 
-/// Deletes the lock only if this holder's token is still in it.
-const RELEASE: &str = r"
+/// Deletes the lock only if this holder's token is still in it (`KEYS`: lock; `ARGV`:
+/// token). Returns 1 if it did, else 0.
+pub const RELEASE_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   return 1
 end
 return 0";
 
-/// Extends the lease only if this holder's token is still in the lock.
-const RENEW: &str = r"
+/// Extends the lease only if this holder's token is still in the lock (`KEYS`: lock;
+/// `ARGV`: token, lease in ms). Returns 1 if it did, else 0.
+pub const RENEW_SCRIPT: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
@@ -41,17 +44,17 @@ fn script(slot: &'static OnceLock<Script>, lua: &'static str) -> &'static Script
 
 fn acquire_script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
-    script(&SCRIPT, ACQUIRE)
+    script(&SCRIPT, ACQUIRE_SCRIPT)
 }
 
 fn release_script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
-    script(&SCRIPT, RELEASE)
+    script(&SCRIPT, RELEASE_SCRIPT)
 }
 
 fn renew_script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
-    script(&SCRIPT, RENEW)
+    script(&SCRIPT, RENEW_SCRIPT)
 }
 
 /// Default prefix of the lock and fencing-counter keys.
