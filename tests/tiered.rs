@@ -268,7 +268,7 @@ async fn settings_choose_the_tiered_backend_with_an_l1_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_an_instance_stops_its_listener_and_subscription() {
+async fn shutdown_or_drop_stops_the_listener_and_subscription() {
     let channel_prefix = cachet::conformance::unique_prefix("drop");
     let a = instance(standalone().url(), &channel_prefix).await;
     let channel = a.channel().to_owned();
@@ -277,6 +277,17 @@ async fn dropping_an_instance_stops_its_listener_and_subscription() {
         reply.lines().last().unwrap_or("").trim().to_owned()
     };
     assert_eq!(subscribers(), "1");
+    let b = instance(standalone().url(), &channel_prefix).await;
+    assert_eq!(subscribers(), "2");
+    b.shutdown().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while subscribers() != "1" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still subscribed after shutdown"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     drop(a);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while subscribers() != "0" {

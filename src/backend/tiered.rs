@@ -220,6 +220,16 @@ impl TieredCacheService {
         self.inner.shared.malformed.load(Ordering::SeqCst)
     }
 
+    /// Stops listening: the listener task ends and the subscriber disconnects. Later reads
+    /// and writes still work but, with no listener, this instance no longer hears the others:
+    /// call it when the instance is going away (dropping the last handle does the same).
+    pub async fn shutdown(&self) {
+        self.inner.listener.abort();
+        let _ = self.inner.subscriber.quit().await;
+        // Nothing heard from now on: what the L1 holds may go stale, so drop it.
+        self.inner.shared.reset();
+    }
+
     /// Publishes `operation` for the other instances.
     async fn publish(&self, operation: Operation, key: &str) -> Result<(), CacheError> {
         let message = Message {
