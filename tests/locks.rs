@@ -316,9 +316,10 @@ async fn renewal_keeps_a_short_lease_alive() {
     let a = redis_locks(standalone().url()).await;
     let b = redis_locks(standalone().url()).await;
     let k = cachet::conformance::unique_prefix("renewed");
-    let short = LockOptions::default().lease(Duration::from_millis(300));
+    let short = LockOptions::default().lease(Duration::from_millis(900));
     let held = a.acquire(&k, &short).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1_200)).await; // four leases
+    // Renewed every 300 ms, so 600 ms of slack for a busy machine; held for three leases.
+    tokio::time::sleep(Duration::from_millis(2_700)).await;
     let once = LockOptions::default().wait_timeout(Duration::ZERO);
     assert!(matches!(
         b.acquire(&k, &once).await,

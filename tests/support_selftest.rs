@@ -111,7 +111,11 @@ fn a_server_that_exited_is_seen_as_not_running() {
     let _ = server.command(&["SHUTDOWN", "NOSAVE"]);
     let started = Instant::now();
     while server.is_running() {
-        assert!(started.elapsed() < Duration::from_secs(10));
+        // A bound on a hang, not a timing check: exiting takes milliseconds.
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the server never exited"
+        );
         thread::sleep(Duration::from_millis(20));
     }
     server.restart();
@@ -231,7 +235,11 @@ fn shared_cluster_is_ok_and_a_restarted_primary_rejoins() {
         .unwrap()
         .contains("cluster_state:fail")
     {
-        assert!(started.elapsed() < Duration::from_secs(20));
+        // A bound on a hang, not a timing check: the failure is seen within about 2 s.
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the cluster never noticed the dead node"
+        );
         thread::sleep(Duration::from_millis(50));
     }
     eprintln!(
