@@ -42,10 +42,13 @@ pub mod conformance;
 pub mod envelope;
 mod error;
 pub mod invalidation;
+pub mod load;
 pub mod lock;
 #[cfg(feature = "mock")]
 mod mock;
+pub mod org;
 pub mod service;
+pub mod token;
 
 pub use backend::{
     Cache, MokaCacheService, MokaCacheServiceBuilder, RedisCacheService, RedisCacheServiceBuilder,
@@ -53,13 +56,16 @@ pub use backend::{
 };
 pub use config::{CacheSettings, build_cache_service};
 pub use error::{BoxError, CacheError, KeyName, LockError};
+pub use load::{LoadError, LoadOptions, LoadSource, Loaded};
 pub use lock::{
     Concurrency, ConcurrencyService, ConcurrencyServiceExt, LocalConcurrencyService, LockGuard,
     LockOptions, RedisConcurrencyService, build_concurrency_service,
 };
 #[cfg(feature = "mock")]
 pub use mock::MockCacheService;
+pub use org::{OrgIdentity, OrgResolver, OrgStore, Resolved};
 pub use service::{CacheService, CacheServiceExt, DEFAULT_TTL_SECS, MAX_TTL_SECS};
+pub use token::{TokenCache, ValidToken};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

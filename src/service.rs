@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 // `enum_dispatch` writes `impl CacheService for Cache` here (the enum is expanded first), so
 // the generated code needs the variant types in scope.
 use crate::backend::{Cache, MokaCacheService, RedisCacheService, TieredCacheService};
+use crate::load::{self, Frame, LoadError, LoadOptions, LoadTtl, Loaded};
 use crate::{CacheError, codec};
 
 /// The longest TTL any backend accepts: 100 years of 365 days, in seconds. Longer is a
@@ -96,6 +97,36 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// Removes every entry whose key starts with the literal string `prefix` and returns how
     /// many were removed. `*`, `?`, `[`, `]` and `\` are ordinary characters here.
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError>;
+
+    /// Which store this service is, for the single flight of
+    /// [`get_or_load`](CacheServiceExt::get_or_load): concurrent loads of one key through
+    /// services with the same scope share one loader call.
+    ///
+    /// The default is the service's address, so two services never share loads. The
+    /// backends override it so that every clone of one backend (they share their store)
+    /// answers the same scope; wrappers (`Arc`, `Box`, `&`, [`Cache`]) forward it. A
+    /// decorator that changes keys (a namespace) must keep the default.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{CacheService, MokaCacheService};
+    ///
+    /// let cache = MokaCacheService::default();
+    /// let shared: Arc<dyn CacheService> = Arc::new(cache.clone());
+    /// assert_eq!(shared.flight_scope(), cache.flight_scope());
+    /// assert_ne!(MokaCacheService::default().flight_scope(), cache.flight_scope());
+    /// ```
+    fn flight_scope(&self) -> u64 {
+        (self as *const Self).cast::<()>().addr() as u64
+    }
+}
+
+/// A fresh scope id for a backend's [`CacheService::flight_scope`]: never an address (the
+/// top bit is set), never handed out twice.
+pub(crate) fn new_flight_scope() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1 << 63);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// The typed helpers, for every [`CacheService`] (`dyn CacheService` included).
@@ -138,10 +169,132 @@ pub trait CacheServiceExt: CacheService {
                 None => self.get_bytes(key).await?,
             };
             match stored {
-                Some(bytes) => codec::decode(key, &bytes).map(Some),
+                Some(bytes) => load::decode_stored(key, &bytes),
                 None => Ok(None),
             }
         }
+    }
+
+    /// Cache-aside: the value under `key`, or else `loader`'s, which is then stored for
+    /// `ttl_secs` (`None`: the backend's default TTL).
+    ///
+    /// Concurrent misses of one key on one service run `loader` once in this process; the
+    /// other callers wait for it and decode its value (or receive its error, shared as an
+    /// `Arc`). A loader error is never cached. A cache that cannot be read is treated as a
+    /// miss, and one that cannot be written does not fail the call: the database stays the
+    /// source of truth when the cache is down. The loader runs under a 30 s timeout
+    /// ([`LoadError::Timeout`]). For negative caching, fail-safe, another timeout, or to know
+    /// where the value came from, use [`get_or_load_with`](Self::get_or_load_with).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::sync::atomic::{AtomicU32, Ordering};
+    /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+    /// let loads = AtomicU32::new(0);
+    /// let load_plan = || async {
+    ///     loads.fetch_add(1, Ordering::SeqCst);
+    ///     Ok::<_, std::io::Error>("pro".to_string())
+    /// };
+    /// let plan = cache.get_or_load("plan:acme", Some(300), load_plan).await.unwrap();
+    /// assert_eq!(plan, "pro");
+    /// let again: String = cache.get_or_load("plan:acme", Some(300), load_plan).await.unwrap();
+    /// assert_eq!((again.as_str(), loads.load(Ordering::SeqCst)), ("pro", 1)); // a hit
+    /// # }
+    /// ```
+    fn get_or_load<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl_secs: Option<u64>,
+        loader: F,
+    ) -> impl Future<Output = Result<T, LoadError<E>>> + Send
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<T, E>> + Send,
+    {
+        // The in-memory fast path, as in `get`: a hit costs no boxed future.
+        let now = self.get_bytes_now(key);
+        async move {
+            if let Some(Ok(Some(stored))) = &now {
+                if !Frame::is_framed(stored) {
+                    if let Ok(value) = codec::decode(key, stored) {
+                        return Ok(value);
+                    }
+                }
+            }
+            let mut options = LoadOptions::default();
+            if let Some(ttl) = ttl_secs {
+                options = options.ttl_secs(ttl);
+            }
+            let loaded = load::load(self, key, &options, now, || async move {
+                loader().await.map(|value| Some((value, LoadTtl::Options)))
+            })
+            .await?;
+            loaded.value.ok_or_else(|| {
+                // Only when a concurrent `get_or_load_with` with negative caching led the
+                // load and found nothing.
+                LoadError::Cache(CacheError::invalid_argument(
+                    key,
+                    "a concurrent get_or_load_with of this key found nothing (negative caching)",
+                ))
+            })
+        }
+    }
+
+    /// Cache-aside with options: negative caching of "not found" (`loader` returns
+    /// `Ok(None)`), fail-safe (serve the last known value when the loader fails), a load
+    /// timeout; the result says where the value came from ([`LoadSource`]) and which cache
+    /// error, if any, was worked around. Single flight as in
+    /// [`get_or_load`](Self::get_or_load).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cachet::{CacheServiceExt, LoadOptions, LoadSource, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = MokaCacheService::default();
+    /// let options = LoadOptions::default()
+    ///     .ttl_secs(60)
+    ///     .negative_ttl_secs(10)
+    ///     .fail_safe(Duration::from_secs(600));
+    ///
+    /// // An unknown org: the store says "not found", and that is cached for 10 s.
+    /// let missing = cache
+    ///     .get_or_load_with::<String, std::io::Error, _, _>("org:nope", &options, || async { Ok(None) })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!((missing.value, missing.source), (None, LoadSource::Loader));
+    /// let again = cache
+    ///     .get_or_load_with::<String, std::io::Error, _, _>("org:nope", &options, || async {
+    ///         panic!("not called: the \"not found\" is cached")
+    ///     })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!((again.value, again.source), (None, LoadSource::Cache));
+    /// # }
+    /// ```
+    fn get_or_load_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+        loader: F,
+    ) -> impl Future<Output = Result<Loaded<T>, LoadError<E>>> + Send
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<Option<T>, E>> + Send,
+    {
+        let now = self.get_bytes_now(key);
+        load::load(self, key, options, now, || async move {
+            loader()
+                .await
+                .map(|found| found.map(|value| (value, LoadTtl::Options)))
+        })
     }
 
     /// Encodes `value` and stores it under `key` (see [`CacheService::set_bytes`] for
@@ -264,6 +417,10 @@ macro_rules! forward_cache_service {
                 Self: 'f,
             {
                 (**self).invalidate_prefix(prefix)
+            }
+
+            fn flight_scope(&self) -> u64 {
+                (**self).flight_scope()
             }
         }
     )+};

@@ -72,6 +72,8 @@ pub struct MokaCacheService {
     cache: MokaCache<String, Entry, ahash::RandomState>,
     default_ttl: Duration,
     capacity: Capacity,
+    /// Shared by every clone (they share the store): see [`CacheService::flight_scope`].
+    scope: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,6 +145,10 @@ impl CacheService for MokaCacheService {
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
         Some(Ok(self.cache.get(key).map(|entry| entry.value)))
+    }
+
+    fn flight_scope(&self) -> u64 {
+        self.scope
     }
 
     async fn set_bytes(
@@ -289,6 +295,7 @@ impl MokaCacheServiceBuilder {
             cache,
             default_ttl: Duration::from_secs(self.default_ttl_secs),
             capacity: self.capacity,
+            scope: crate::service::new_flight_scope(),
         }
     }
 }

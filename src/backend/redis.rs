@@ -241,6 +241,11 @@ impl fmt::Debug for RedisCacheService {
 
 #[async_trait]
 impl CacheService for RedisCacheService {
+    fn flight_scope(&self) -> u64 {
+        // Every clone shares `inner` (and so the store).
+        Arc::as_ptr(&self.inner).addr() as u64
+    }
+
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
         let full = self.full_key(key);
         self.client()

@@ -283,6 +283,11 @@ impl fmt::Debug for TieredCacheService {
 
 #[async_trait]
 impl CacheService for TieredCacheService {
+    fn flight_scope(&self) -> u64 {
+        // Every clone shares `inner` (and so the store).
+        Arc::as_ptr(&self.inner).addr() as u64
+    }
+
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
         if let Some(Ok(Some(hit))) = self.inner.shared.l1.get_bytes_now(key) {
             return Ok(Some(hit));

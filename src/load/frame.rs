@@ -1,0 +1,249 @@
+//! The small header [`get_or_load_with`](crate::CacheServiceExt::get_or_load_with) puts
+//! around a value when it needs more than the value itself: a logical expiry for fail-safe
+//! (the entry outlives its freshness so that it can be served when the loader fails), or the
+//! marker of a cached "not found".
+//!
+//! Layout (big-endian): `0x00`, `b"cf"`, version `1`, flags (bit 0: absent; bit 1: a stale
+//! value that fail-safe keeps serving for a throttle time; the others reserved and rejected), fresh-until and stale-until in Unix milliseconds (`u64` each),
+//! then the JSON payload (empty when absent). JSON text never starts with a NUL byte, so a
+//! framed value cannot be mistaken for a plain one; the typed
+//! [`get`](crate::CacheServiceExt::get) understands both, and a framed value that is past its
+//! freshness, or absent, reads as `None` there. Anything malformed is a
+//! [`CacheError::Serialization`], never a panic (a fuzz target checks it).
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::de::DeserializeOwned;
+
+use crate::{CacheError, codec};
+
+/// The first bytes of every framed value.
+pub const MAGIC: &[u8; 3] = b"\0cf";
+const VERSION: u8 = 1;
+const FLAG_ABSENT: u8 = 1;
+const FLAG_STALE: u8 = 2;
+/// Bytes before the payload.
+pub const HEADER_LEN: usize = 3 + 1 + 1 + 8 + 8;
+
+/// A decoded frame.
+///
+/// ```
+/// use bytes::Bytes;
+/// use cachet::load::Frame;
+///
+/// let frame = Frame::value(Bytes::from_static(b"{\"plan\":\"pro\"}"), 2_000, 9_000);
+/// let stored = frame.encode();
+/// assert_eq!(Frame::decode("org:acme", &stored).unwrap(), frame);
+/// assert!(Frame::is_framed(&stored));
+/// assert!(!Frame::is_framed(b"{\"plan\":\"pro\"}"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    /// Whether this is a cached "not found" (then the payload is empty).
+    pub absent: bool,
+    /// Whether this is a stale value that fail-safe serves until `fresh_until_ms` (the end
+    /// of its throttle time) instead of asking a failing store again.
+    pub stale: bool,
+    /// Until when the value is fresh, in milliseconds since the Unix epoch.
+    pub fresh_until_ms: u64,
+    /// Until when a stale value may still be served by fail-safe, in Unix milliseconds.
+    pub stale_until_ms: u64,
+    /// The JSON payload.
+    pub payload: Bytes,
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Frame {
+    /// A frame around a value's JSON `payload`.
+    pub fn value(payload: Bytes, fresh_until_ms: u64, stale_until_ms: u64) -> Self {
+        Frame {
+            absent: false,
+            stale: false,
+            fresh_until_ms,
+            stale_until_ms,
+            payload,
+        }
+    }
+
+    /// A cached "not found", fresh until `fresh_until_ms`.
+    pub fn absent(fresh_until_ms: u64) -> Self {
+        Frame {
+            absent: true,
+            stale: false,
+            fresh_until_ms,
+            stale_until_ms: fresh_until_ms,
+            payload: Bytes::new(),
+        }
+    }
+
+    /// Whether `stored` is framed (starts with the frame's NUL byte) rather than plain JSON.
+    pub fn is_framed(stored: &[u8]) -> bool {
+        stored.first() == Some(&0)
+    }
+
+    /// Whether the value is fresh at `now_ms`.
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms < self.fresh_until_ms
+    }
+
+    /// The stored form.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(HEADER_LEN + self.payload.len());
+        out.put_slice(MAGIC);
+        out.put_u8(VERSION);
+        let mut flags = 0;
+        if self.absent {
+            flags |= FLAG_ABSENT;
+        }
+        if self.stale {
+            flags |= FLAG_STALE;
+        }
+        out.put_u8(flags);
+        out.put_u64(self.fresh_until_ms);
+        out.put_u64(self.stale_until_ms);
+        out.put_slice(&self.payload);
+        out.freeze()
+    }
+
+    /// Reads a frame; anything malformed is [`CacheError::Serialization`] naming `key`.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use cachet::{load::Frame, CacheError};
+    ///
+    /// let err = Frame::decode("k", &Bytes::from_static(b"\0cf\x09")).unwrap_err();
+    /// assert!(matches!(err, CacheError::Serialization { .. }));
+    /// ```
+    pub fn decode(key: &str, stored: &Bytes) -> Result<Frame, CacheError> {
+        let bad = |what: String| CacheError::serialization::<Frame>(key, "decode", what);
+        if stored.len() < HEADER_LEN {
+            return Err(bad(format!(
+                "{} bytes is shorter than the {HEADER_LEN}-byte frame header",
+                stored.len()
+            )));
+        }
+        if &stored[..3] != MAGIC {
+            return Err(bad("not a cachet frame (bad magic)".to_owned()));
+        }
+        if stored[3] != VERSION {
+            return Err(bad(format!("frame version {} is not supported", stored[3])));
+        }
+        let flags = stored[4];
+        if flags & !(FLAG_ABSENT | FLAG_STALE) != 0 || flags == FLAG_ABSENT | FLAG_STALE {
+            return Err(bad(format!("unknown frame flags {flags:#04x}")));
+        }
+        let absent = flags & FLAG_ABSENT != 0;
+        let stale = flags & FLAG_STALE != 0;
+        if absent && stored.len() != HEADER_LEN {
+            return Err(bad("an absent frame carries a payload".to_owned()));
+        }
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&stored[5..13]);
+        let fresh_until_ms = u64::from_be_bytes(word);
+        word.copy_from_slice(&stored[13..21]);
+        let stale_until_ms = u64::from_be_bytes(word);
+        Ok(Frame {
+            absent,
+            stale,
+            fresh_until_ms,
+            stale_until_ms,
+            payload: stored.slice(HEADER_LEN..),
+        })
+    }
+}
+
+/// Decodes what a typed read finds: plain JSON as a `T`; a frame as its payload while fresh,
+/// and as `None` once past its freshness or when it is a cached "not found".
+///
+/// ```
+/// use bytes::Bytes;
+/// use cachet::load::{decode_stored, now_ms, Frame};
+///
+/// let plain = Bytes::from_static(b"7");
+/// assert_eq!(decode_stored::<u32>("k", &plain).unwrap(), Some(7));
+/// let fresh = Frame::value(Bytes::from_static(b"7"), now_ms() + 60_000, now_ms() + 120_000);
+/// assert_eq!(decode_stored::<u32>("k", &fresh.encode()).unwrap(), Some(7));
+/// let stale = Frame::value(Bytes::from_static(b"7"), now_ms() - 1, now_ms() + 120_000);
+/// assert_eq!(decode_stored::<u32>("k", &stale.encode()).unwrap(), None);
+/// ```
+pub fn decode_stored<T: DeserializeOwned>(
+    key: &str,
+    stored: &Bytes,
+) -> Result<Option<T>, CacheError> {
+    if !Frame::is_framed(stored) {
+        return codec::decode(key, stored).map(Some);
+    }
+    let frame = Frame::decode(key, stored)?;
+    if frame.absent || !frame.is_fresh(now_ms()) {
+        return Ok(None);
+    }
+    codec::decode(key, &frame.payload).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_values_and_absent_markers() {
+        let value = Frame::value(Bytes::from_static(b"[1]"), 5, 10);
+        assert_eq!(Frame::decode("k", &value.encode()).unwrap(), value);
+        let absent = Frame::absent(7);
+        let stored = absent.encode();
+        assert_eq!(stored.len(), HEADER_LEN);
+        assert_eq!(Frame::decode("k", &stored).unwrap(), absent);
+    }
+
+    #[test]
+    fn round_trips_stale_values() {
+        let mut value = Frame::value(Bytes::from_static(b"[1]"), 5, 10);
+        value.stale = true;
+        assert_eq!(Frame::decode("k", &value.encode()).unwrap(), value);
+    }
+
+    #[test]
+    fn rejects_what_it_does_not_know() {
+        let good = Frame::value(Bytes::from_static(b"1"), 5, 10).encode();
+        let mut version = good.to_vec();
+        version[3] = 2;
+        let mut flags = good.to_vec();
+        flags[4] = 0x80;
+        let mut both = good.to_vec();
+        both[4] = FLAG_ABSENT | FLAG_STALE;
+        let mut absent_with_payload = good.to_vec();
+        absent_with_payload[4] = FLAG_ABSENT;
+        for bad in [
+            Bytes::new(),
+            Bytes::from_static(b"\0cf"),
+            Bytes::from(version),
+            Bytes::from(flags),
+            Bytes::from(both),
+            Bytes::from(absent_with_payload),
+            Bytes::from_static(b"\0xx\x01\x00aaaaaaaabbbbbbbb"),
+        ] {
+            let err = Frame::decode("org:acme", &bad).unwrap_err();
+            assert!(
+                matches!(err, CacheError::Serialization { .. }),
+                "{bad:?}: {err}"
+            );
+            assert!(err.to_string().contains("org:acme"), "{err}");
+        }
+    }
+
+    #[test]
+    fn typed_reads_see_fresh_values_only() {
+        let now = now_ms();
+        let absent = Frame::absent(now + 60_000).encode();
+        assert_eq!(decode_stored::<u32>("k", &absent).unwrap(), None);
+        let corrupt_payload = Frame::value(Bytes::from_static(b"nope"), now + 60_000, now + 60_000);
+        assert!(decode_stored::<u32>("k", &corrupt_payload.encode()).is_err());
+        assert!(decode_stored::<u32>("k", &Bytes::from_static(b"\0")).is_err());
+    }
+}

@@ -1,0 +1,584 @@
+//! Cache-aside loading: [`get_or_load`](crate::CacheServiceExt::get_or_load) and
+//! [`get_or_load_with`](crate::CacheServiceExt::get_or_load_with).
+//!
+//! - Single flight: concurrent misses of one key on one service (every clone of a backend
+//!   counts as the same service, see [`CacheService::flight_scope`]) run the loader once in
+//!   this process; the others wait for it and receive its value or its error. A waiter
+//!   whose leader is cancelled (its request dropped) takes over instead of hanging.
+//! - A loader error is never cached. A cache that fails to read is treated as a miss and one
+//!   that fails to write does not fail the call (the loaded value is returned); both are
+//!   reported in [`Loaded::cache_error`]. Stored bytes that do not decode are a miss too, and
+//!   the fresh load overwrites them.
+//! - Negative caching (opt-in): a loader's `Ok(None)` ("not found") is cached for a short
+//!   time, so that unknown keys cannot hammer the store.
+//! - Fail-safe (opt-in): the value stays stored for a grace period after its TTL; when a
+//!   reload fails or times out inside that period, the last known value is served and the
+//!   result says so ([`LoadSource::Stale`]). A value served this way is kept for a short
+//!   throttle time before the store is asked again, never past the grace period.
+//! - Bounded: the loader runs under a timeout (default 30 s), and waiters give up with it.
+
+mod flight;
+pub mod frame;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use self::flight::{Outcome, Role};
+pub use self::frame::{Frame, decode_stored, now_ms};
+use crate::service::resolve_ttl;
+use crate::{CacheError, CacheService, KeyName, codec};
+
+/// Default bound on a loader call (and on waiting for another caller's): 30 seconds.
+pub const DEFAULT_LOAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Default time a value served by fail-safe is kept before the store is asked again.
+pub const DEFAULT_FAIL_SAFE_THROTTLE: Duration = Duration::from_secs(5);
+
+/// How [`get_or_load_with`](crate::CacheServiceExt::get_or_load_with) caches.
+///
+/// ```
+/// use std::time::Duration;
+/// use cachet::LoadOptions;
+///
+/// let options = LoadOptions::default()
+///     .ttl_secs(300)                              // fresh for 5 minutes
+///     .negative_ttl_secs(30)                      // "not found" cached for 30 s
+///     .fail_safe(Duration::from_secs(3600))       // serve the last value up to 1 h late
+///     .load_timeout(Duration::from_secs(2));      // when the store fails or hangs
+/// assert_eq!(options.ttl(), Some(300));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    ttl_secs: Option<u64>,
+    negative_ttl_secs: Option<u64>,
+    fail_safe: Option<Duration>,
+    fail_safe_throttle: Duration,
+    load_timeout: Duration,
+}
+
+impl Default for LoadOptions {
+    /// The backend's default TTL, no negative caching, no fail-safe, a 30 s load timeout.
+    fn default() -> Self {
+        LoadOptions {
+            ttl_secs: None,
+            negative_ttl_secs: None,
+            fail_safe: None,
+            fail_safe_throttle: DEFAULT_FAIL_SAFE_THROTTLE,
+            load_timeout: DEFAULT_LOAD_TIMEOUT,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// How long a loaded value is fresh (default: the backend's default TTL; fail-safe needs
+    /// an explicit TTL).
+    pub fn ttl_secs(mut self, secs: u64) -> Self {
+        self.ttl_secs = Some(secs);
+        self
+    }
+
+    /// Caches a loader's "not found" (`Ok(None)`) for `secs` seconds.
+    pub fn negative_ttl_secs(mut self, secs: u64) -> Self {
+        self.negative_ttl_secs = Some(secs);
+        self
+    }
+
+    /// Keeps each value stored `grace` longer than its TTL, and serves it (marked
+    /// [`LoadSource::Stale`]) when a reload fails or times out within that time.
+    pub fn fail_safe(mut self, grace: Duration) -> Self {
+        self.fail_safe = Some(grace);
+        self
+    }
+
+    /// After fail-safe served a stale value, how long it is served before the store is
+    /// asked again (default 5 s; never past the grace period).
+    pub fn fail_safe_throttle(mut self, throttle: Duration) -> Self {
+        self.fail_safe_throttle = throttle;
+        self
+    }
+
+    /// The longest a loader may run, and a waiter wait for it (default 30 s).
+    pub fn load_timeout(mut self, timeout: Duration) -> Self {
+        self.load_timeout = timeout;
+        self
+    }
+
+    /// The fresh TTL, when set.
+    pub fn ttl(&self) -> Option<u64> {
+        self.ttl_secs
+    }
+
+    /// The negative-caching TTL, when set.
+    pub fn negative_ttl(&self) -> Option<u64> {
+        self.negative_ttl_secs
+    }
+
+    /// The fail-safe grace period, when on.
+    pub fn fail_safe_grace(&self) -> Option<Duration> {
+        self.fail_safe
+    }
+
+    /// The load timeout.
+    pub fn timeout(&self) -> Duration {
+        self.load_timeout
+    }
+}
+
+/// Where a [`Loaded`] value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LoadSource {
+    /// A fresh cache entry (a cached "not found" too).
+    Cache,
+    /// This call ran the loader.
+    Loader,
+    /// Another concurrent call ran the loader, and this one received its result.
+    Joined,
+    /// Fail-safe: the store failed (now, or within the throttle time), and this is the last
+    /// known value, past its TTL but within the grace period.
+    Stale,
+}
+
+/// What [`get_or_load_with`](crate::CacheServiceExt::get_or_load_with) returns.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Loaded<T> {
+    /// The value; `None` when the loader found nothing (or a cached "not found" was hit).
+    pub value: Option<T>,
+    /// Where it came from.
+    pub source: LoadSource,
+    /// A cache error the call worked around: a failed read (treated as a miss), stored
+    /// bytes that did not decode (overwritten by the load), or a failed write.
+    pub cache_error: Option<CacheError>,
+    /// What this call wrote to the cache (stored bytes, TTL in seconds), for callers that
+    /// store the same value under a second key.
+    pub(crate) written: Option<(Bytes, Option<u64>)>,
+}
+
+impl<T> Loaded<T> {
+    /// Whether this is a stale value served by fail-safe.
+    pub fn is_stale(&self) -> bool {
+        self.source == LoadSource::Stale
+    }
+}
+
+/// Why [`get_or_load`](crate::CacheServiceExt::get_or_load) returned no value.
+///
+/// ```
+/// use cachet::{CacheServiceExt, LoadError, MokaCacheService};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let cache = MokaCacheService::default();
+/// let err = cache
+///     .get_or_load::<u32, _, _, _>("org:acme", None, || async { Err("database down") })
+///     .await
+///     .unwrap_err();
+/// assert!(matches!(&err, LoadError::Loader { source, .. } if **source == "database down"));
+/// assert!(err.to_string().contains("org:acme"));
+/// # }
+/// ```
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LoadError<E> {
+    /// The loader failed. Every caller that waited on the same load receives the same error,
+    /// hence the `Arc`. It is not cached: the next call loads again.
+    Loader {
+        /// The key being loaded.
+        key: KeyName,
+        /// The loader's error.
+        source: Arc<E>,
+    },
+    /// The loader did not finish in time (see [`LoadOptions::load_timeout`]).
+    Timeout {
+        /// The key being loaded.
+        key: KeyName,
+        /// How long it was given.
+        after: Duration,
+    },
+    /// A cache error that cannot be worked around: an invalid TTL, a loaded value that does
+    /// not encode.
+    Cache(CacheError),
+}
+
+impl<E: fmt::Display> fmt::Display for LoadError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Loader { key, source } => write!(f, "loading key {key} failed: {source}"),
+            LoadError::Timeout { key, after } => {
+                write!(f, "loading key {key} did not finish within {after:?}")
+            }
+            LoadError::Cache(error) => fmt::Display::fmt(error, f),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for LoadError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LoadError::Loader { source, .. } => Some(&**source),
+            LoadError::Timeout { .. } => None,
+            LoadError::Cache(error) => Some(error),
+        }
+    }
+}
+
+impl<E> From<CacheError> for LoadError<E> {
+    fn from(error: CacheError) -> Self {
+        LoadError::Cache(error)
+    }
+}
+
+/// How long a freshly loaded value is cached (crate-internal: the token cache derives it
+/// from each token's expiry).
+pub(crate) enum LoadTtl {
+    /// The options' TTL.
+    Options,
+    /// This many seconds (at least 1).
+    Secs(u64),
+    /// Return the value without caching it.
+    DontStore,
+}
+
+/// How many loads are running now in this process, over every service: zero once every
+/// `get_or_load` has returned or been dropped (the table never keeps finished loads).
+///
+/// ```
+/// assert_eq!(cachet::load::loads_in_flight(), 0);
+/// ```
+pub fn loads_in_flight() -> usize {
+    flight::in_flight()
+}
+
+/// What a cache read means for a load.
+enum Read<T> {
+    /// Fresh: the value (`None`: a cached "not found"), its JSON payload, and whether it is
+    /// a stale value fail-safe keeps serving for a throttle time.
+    Hit(Option<T>, Option<Bytes>, bool),
+    /// Not usable: load. `stale` is a fail-safe candidate.
+    Miss { stale: Option<Frame> },
+}
+
+fn classify<T: DeserializeOwned>(
+    key: &str,
+    read: Result<Option<Bytes>, CacheError>,
+    options: &LoadOptions,
+    cache_error: &mut Option<CacheError>,
+) -> Read<T> {
+    let stored = match read {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Read::Miss { stale: None },
+        Err(error) => {
+            *cache_error = Some(error);
+            return Read::Miss { stale: None };
+        }
+    };
+    if !Frame::is_framed(&stored) {
+        return match codec::decode(key, &stored) {
+            Ok(value) => Read::Hit(Some(value), Some(stored), false),
+            Err(error) => {
+                *cache_error = Some(error);
+                Read::Miss { stale: None }
+            }
+        };
+    }
+    let frame = match Frame::decode(key, &stored) {
+        Ok(frame) => frame,
+        Err(error) => {
+            *cache_error = Some(error);
+            return Read::Miss { stale: None };
+        }
+    };
+    let now = now_ms();
+    if !frame.is_fresh(now) {
+        let usable = options.fail_safe.is_some() && !frame.absent && now < frame.stale_until_ms;
+        return Read::Miss {
+            stale: usable.then_some(frame),
+        };
+    }
+    if frame.absent {
+        // A caller that does not cache "not found" does not trust another caller's marker.
+        return if options.negative_ttl_secs.is_some() {
+            Read::Hit(None, None, false)
+        } else {
+            Read::Miss { stale: None }
+        };
+    }
+    match codec::decode(key, &frame.payload) {
+        Ok(value) => Read::Hit(Some(value), Some(frame.payload), frame.stale),
+        Err(error) => {
+            *cache_error = Some(error);
+            Read::Miss { stale: None }
+        }
+    }
+}
+
+fn cached_source(stale: bool) -> LoadSource {
+    if stale {
+        LoadSource::Stale
+    } else {
+        LoadSource::Cache
+    }
+}
+
+fn secs_ceil(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
+}
+
+/// The whole of `get_or_load_with`: read, join or lead the single flight, load, store.
+/// `first_read` is a read already made (the in-memory fast path), if any.
+pub(crate) async fn load<S, T, E, F, Fut>(
+    cache: &S,
+    key: &str,
+    options: &LoadOptions,
+    first_read: Option<Result<Option<Bytes>, CacheError>>,
+    loader: F,
+) -> Result<Loaded<T>, LoadError<E>>
+where
+    S: CacheService + ?Sized,
+    T: Serialize + DeserializeOwned + Send,
+    E: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = Result<Option<(T, LoadTtl)>, E>> + Send,
+{
+    if options.fail_safe.is_some() && options.ttl_secs.is_none() {
+        return Err(LoadError::Cache(CacheError::invalid_argument(
+            key,
+            "fail-safe needs an explicit TTL (LoadOptions::ttl_secs)",
+        )));
+    }
+    if let Some(ttl) = options.ttl_secs {
+        resolve_ttl(key, Some(ttl), Duration::ZERO)?;
+    }
+    if let Some(ttl) = options.negative_ttl_secs {
+        resolve_ttl(key, Some(ttl), Duration::ZERO)?;
+    }
+
+    let mut cache_error = None;
+    let read = match first_read {
+        Some(read) => read,
+        None => cache.get_bytes(key).await,
+    };
+    let mut stale = match classify::<T>(key, read, options, &mut cache_error) {
+        Read::Hit(value, _, stale) => {
+            return Ok(Loaded {
+                value,
+                source: cached_source(stale),
+                cache_error,
+                written: None,
+            });
+        }
+        Read::Miss { stale } => stale,
+    };
+
+    let leader = loop {
+        let receiver = match flight::join(cache.flight_scope(), key) {
+            Role::Leader(leader) => break leader,
+            Role::Waiter(receiver) => receiver,
+        };
+        let outcome = tokio::time::timeout(options.load_timeout, flight::wait(receiver)).await;
+        let outcome = match outcome {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                return Err(LoadError::Timeout {
+                    key: KeyName::new(key),
+                    after: options.load_timeout,
+                });
+            }
+        };
+        match outcome {
+            Outcome::Value { payload, stale } => {
+                let value = match payload {
+                    Some(payload) => Some(codec::decode::<T>(key, &payload)?),
+                    None => None,
+                };
+                let source = if stale {
+                    LoadSource::Stale
+                } else {
+                    LoadSource::Joined
+                };
+                return Ok(Loaded {
+                    value,
+                    source,
+                    cache_error,
+                    written: None,
+                });
+            }
+            Outcome::Failed(error) => match error.downcast::<E>() {
+                Ok(source) => {
+                    return Err(LoadError::Loader {
+                        key: KeyName::new(key),
+                        source,
+                    });
+                }
+                // A concurrent load of the same key with another error type: load anew.
+                Err(_) => continue,
+            },
+            Outcome::TimedOut(after) => {
+                return Err(LoadError::Timeout {
+                    key: KeyName::new(key),
+                    after,
+                });
+            }
+            Outcome::Unusable(message) => {
+                return Err(LoadError::Cache(CacheError::serialization::<T>(
+                    key,
+                    "encode",
+                    message.to_string(),
+                )));
+            }
+            Outcome::Abandoned => continue,
+        }
+    };
+
+    // Leading. A load may have finished between the first read and taking the lead:
+    // read once more so that it is not repeated.
+    let mut recheck_error = None;
+    match classify::<T>(key, cache.get_bytes(key).await, options, &mut recheck_error) {
+        Read::Hit(value, payload, stale) => {
+            leader.finish(Outcome::Value { payload, stale });
+            return Ok(Loaded {
+                value,
+                source: cached_source(stale),
+                cache_error: recheck_error.or(cache_error),
+                written: None,
+            });
+        }
+        Read::Miss { stale: again } => {
+            stale = again.or(stale);
+            cache_error = recheck_error.or(cache_error);
+        }
+    }
+
+    let failure = match tokio::time::timeout(options.load_timeout, loader()).await {
+        Ok(Ok(Some((value, ttl)))) => {
+            let payload = match codec::encode(key, &value) {
+                Ok(payload) => payload,
+                Err(error) => {
+                    leader.finish(Outcome::Unusable(Arc::from(error.to_string())));
+                    return Err(LoadError::Cache(error));
+                }
+            };
+            let written = store_value(cache, key, options, ttl, &payload, &mut cache_error).await;
+            leader.finish(Outcome::Value {
+                payload: Some(payload),
+                stale: false,
+            });
+            return Ok(Loaded {
+                value: Some(value),
+                source: LoadSource::Loader,
+                cache_error,
+                written,
+            });
+        }
+        Ok(Ok(None)) => {
+            let mut written = None;
+            if let Some(secs) = options.negative_ttl_secs {
+                let marker = Frame::absent(now_ms().saturating_add(secs.saturating_mul(1000)));
+                let stored = marker.encode();
+                match cache.set_bytes(key, stored.clone(), Some(secs)).await {
+                    Ok(()) => written = Some((stored, Some(secs))),
+                    Err(error) => cache_error = Some(error),
+                }
+            }
+            leader.finish(Outcome::Value {
+                payload: None,
+                stale: false,
+            });
+            return Ok(Loaded {
+                value: None,
+                source: LoadSource::Loader,
+                cache_error,
+                written,
+            });
+        }
+        Ok(Err(error)) => Err(Arc::new(error)),
+        Err(_) => Ok(options.load_timeout),
+    };
+
+    // The loader failed or timed out: fail-safe serves the last known value, if any.
+    if let Some(frame) = stale {
+        let now = now_ms();
+        if now < frame.stale_until_ms {
+            if let Ok(value) = codec::decode::<T>(key, &frame.payload) {
+                let throttle_ms =
+                    u64::try_from(options.fail_safe_throttle.as_millis()).unwrap_or(u64::MAX);
+                let mut throttled = Frame::value(
+                    frame.payload.clone(),
+                    now.saturating_add(throttle_ms).min(frame.stale_until_ms),
+                    frame.stale_until_ms,
+                );
+                throttled.stale = true;
+                let ttl = secs_ceil(frame.stale_until_ms - now);
+                if let Err(error) = cache.set_bytes(key, throttled.encode(), Some(ttl)).await {
+                    cache_error = Some(error);
+                }
+                leader.finish(Outcome::Value {
+                    payload: Some(frame.payload),
+                    stale: true,
+                });
+                return Ok(Loaded {
+                    value: Some(value),
+                    source: LoadSource::Stale,
+                    cache_error,
+                    written: None,
+                });
+            }
+        }
+    }
+    match failure {
+        Err(source) => {
+            leader.finish(Outcome::Failed(source.clone()));
+            Err(LoadError::Loader {
+                key: KeyName::new(key),
+                source,
+            })
+        }
+        Ok(after) => {
+            leader.finish(Outcome::TimedOut(after));
+            Err(LoadError::Timeout {
+                key: KeyName::new(key),
+                after,
+            })
+        }
+    }
+}
+
+/// Stores a loaded value (plain, or framed for fail-safe); returns what it wrote.
+async fn store_value<S: CacheService + ?Sized>(
+    cache: &S,
+    key: &str,
+    options: &LoadOptions,
+    ttl: LoadTtl,
+    payload: &Bytes,
+    cache_error: &mut Option<CacheError>,
+) -> Option<(Bytes, Option<u64>)> {
+    let ttl_secs = match ttl {
+        LoadTtl::DontStore => return None,
+        LoadTtl::Secs(secs) => Some(secs),
+        LoadTtl::Options => options.ttl_secs,
+    };
+    let (stored, physical) = match (options.fail_safe, ttl_secs) {
+        (Some(grace), Some(ttl)) => {
+            let fresh_until = now_ms().saturating_add(ttl.saturating_mul(1000));
+            let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+            let stale_until = fresh_until.saturating_add(grace_ms);
+            let physical = ttl.saturating_add(secs_ceil(grace_ms));
+            let frame = Frame::value(payload.clone(), fresh_until, stale_until);
+            (frame.encode(), Some(physical))
+        }
+        _ => (payload.clone(), ttl_secs),
+    };
+    match cache.set_bytes(key, stored.clone(), physical).await {
+        Ok(()) => Some((stored, physical)),
+        Err(error) => {
+            *cache_error = Some(error);
+            None
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! Org (tenant) configuration, cache-aside: the app supplies its store ([`OrgStore`]) and
+//! its context type; [`OrgResolver`] caches contexts under `org:<slug>` and `org:id:<id>`.
+//!
+//! - Both keys hold the same context: a load by slug also fills the id key and the other
+//!   way round, and [`OrgResolver::invalidate_org`] clears both. Through a
+//!   [`TieredCacheService`](crate::TieredCacheService) the invalidation reaches every
+//!   instance.
+//! - Concurrent misses of one org load it once per instance (single flight).
+//! - Unknown slugs and ids are cached as "not found" for a short time (30 s by default), so
+//!   that bogus slugs cannot hammer the database.
+//! - Fail-safe (opt-in): when the store fails, the last known context is served for a
+//!   bounded grace period, and [`Resolved::is_stale`] says so.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::load::{LoadError, LoadOptions, LoadSource};
+use crate::{CacheError, CacheService, CacheServiceExt};
+
+/// Default freshness of a cached org context: 300 seconds.
+pub const DEFAULT_ORG_TTL_SECS: u64 = 300;
+/// Default life of a cached "no such org": 30 seconds.
+pub const DEFAULT_ORG_NEGATIVE_TTL_SECS: u64 = 30;
+/// Default bound on one store call: 10 seconds.
+pub const DEFAULT_ORG_LOAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest slug or id accepted, in bytes.
+pub const MAX_ORG_IDENT_LEN: usize = 256;
+
+/// What an org context must say about itself: its slug and its id, which name its two cache
+/// keys.
+///
+/// ```
+/// use cachet::org::OrgIdentity;
+///
+/// struct Org { id: u64, slug: String }
+///
+/// impl OrgIdentity for Org {
+///     fn org_slug(&self) -> &str { &self.slug }
+///     fn org_id(&self) -> String { self.id.to_string() }
+/// }
+/// ```
+pub trait OrgIdentity {
+    /// The org's slug, as in `org:<slug>`.
+    fn org_slug(&self) -> &str;
+    /// The org's id, as in `org:id:<id>`.
+    fn org_id(&self) -> String;
+}
+
+/// The app's source of truth for orgs (its database). `Ok(None)` means "no such org".
+///
+/// Implement it with `async fn`:
+///
+/// ```
+/// use cachet::org::{OrgIdentity, OrgStore};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Clone, Serialize, Deserialize)]
+/// struct OrgContext { id: String, slug: String, api_secret: String }
+///
+/// impl OrgIdentity for OrgContext {
+///     fn org_slug(&self) -> &str { &self.slug }
+///     fn org_id(&self) -> String { self.id.clone() }
+/// }
+///
+/// struct Database;
+///
+/// impl OrgStore for Database {
+///     type Context = OrgContext;
+///     type Error = std::io::Error;
+///
+///     async fn load_by_slug(&self, slug: &str) -> Result<Option<OrgContext>, std::io::Error> {
+///         Ok((slug == "acme").then(|| OrgContext {
+///             id: "42".into(), slug: "acme".into(), api_secret: "s3cr3t".into(),
+///         }))
+///     }
+///
+///     async fn load_by_id(&self, id: &str) -> Result<Option<OrgContext>, std::io::Error> {
+///         if id == "42" { self.load_by_slug("acme").await } else { Ok(None) }
+///     }
+/// }
+/// ```
+pub trait OrgStore: Send + Sync {
+    /// The org context the app caches (decrypted secrets included: wrap the cache in an
+    /// [`EncryptedCacheService`](crate::decorate) when it is shared).
+    type Context: OrgIdentity + Serialize + DeserializeOwned + Send + Sync;
+    /// The store's error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The org with this slug, or `None`.
+    fn load_by_slug(
+        &self,
+        slug: &str,
+    ) -> impl Future<Output = Result<Option<Self::Context>, Self::Error>> + Send;
+
+    /// The org with this id, or `None`.
+    fn load_by_id(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Self::Context>, Self::Error>> + Send;
+}
+
+/// A resolved org context and where it came from.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct Resolved<C> {
+    /// The context.
+    pub context: C,
+    /// The cache, this call's store load, another caller's load, or fail-safe.
+    pub source: LoadSource,
+}
+
+impl<C> Resolved<C> {
+    /// Whether the store failed and this is the last known context (fail-safe).
+    pub fn is_stale(&self) -> bool {
+        self.source == LoadSource::Stale
+    }
+}
+
+/// Why an org could not be resolved: the store failed (or timed out) with nothing usable
+/// cached, or the slug or id is malformed ([`LoadError::Cache`] with
+/// [`CacheError::InvalidArgument`]).
+pub type OrgError<E> = LoadError<E>;
+
+/// Resolves org contexts by slug or id through the cache (see the [module docs](self)).
+///
+/// ```
+/// # use cachet::org::{OrgIdentity, OrgStore};
+/// # use serde::{Deserialize, Serialize};
+/// # #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// # struct OrgContext { id: String, slug: String }
+/// # impl OrgIdentity for OrgContext {
+/// #     fn org_slug(&self) -> &str { &self.slug }
+/// #     fn org_id(&self) -> String { self.id.clone() }
+/// # }
+/// # struct Database;
+/// # impl OrgStore for Database {
+/// #     type Context = OrgContext;
+/// #     type Error = std::io::Error;
+/// #     async fn load_by_slug(&self, slug: &str) -> Result<Option<OrgContext>, std::io::Error> {
+/// #         Ok((slug == "acme").then(|| OrgContext { id: "42".into(), slug: "acme".into() }))
+/// #     }
+/// #     async fn load_by_id(&self, id: &str) -> Result<Option<OrgContext>, std::io::Error> {
+/// #         Ok((id == "42").then(|| OrgContext { id: "42".into(), slug: "acme".into() }))
+/// #     }
+/// # }
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use cachet::{CacheService, LoadSource, MokaCacheService, OrgResolver};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+/// let orgs = OrgResolver::new(Arc::clone(&cache), Database)
+///     .ttl_secs(300)
+///     .fail_safe(Duration::from_secs(3600));
+///
+/// let acme = orgs.by_slug("acme").await?.expect("acme exists");
+/// assert_eq!(acme.source, LoadSource::Loader);
+/// // The same context is now cached under both keys.
+/// assert_eq!(orgs.by_id("42").await?.unwrap().source, LoadSource::Cache);
+/// assert!(orgs.by_slug("no-such-org").await?.is_none()); // cached as "not found" for 30 s
+///
+/// orgs.invalidate_org("acme", "42").await?;               // both keys, every instance
+/// assert_eq!(orgs.by_slug("acme").await?.unwrap().source, LoadSource::Loader);
+/// # Ok(()) }
+/// ```
+pub struct OrgResolver<S> {
+    cache: Arc<dyn CacheService>,
+    store: S,
+    ttl_secs: u64,
+    negative_ttl_secs: Option<u64>,
+    fail_safe: Option<Duration>,
+    load_timeout: Duration,
+}
+
+impl<S> fmt::Debug for OrgResolver<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OrgResolver")
+            .field("cache", &self.cache)
+            .field("ttl_secs", &self.ttl_secs)
+            .field("negative_ttl_secs", &self.negative_ttl_secs)
+            .field("fail_safe", &self.fail_safe)
+            .field("load_timeout", &self.load_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The cache key of the org with this slug: `org:<slug>`.
+///
+/// ```
+/// assert_eq!(cachet::org::slug_key("acme"), "org:acme");
+/// ```
+pub fn slug_key(slug: &str) -> String {
+    format!("org:{slug}")
+}
+
+/// The cache key of the org with this id: `org:id:<id>`.
+///
+/// ```
+/// assert_eq!(cachet::org::id_key("42"), "org:id:42");
+/// ```
+pub fn id_key(id: &str) -> String {
+    format!("org:id:{id}")
+}
+
+/// Checks a slug or id taken from a request: not empty, at most [`MAX_ORG_IDENT_LEN`] bytes,
+/// no control characters or whitespace, and (slugs) no `:`, so that `org:<slug>` can never
+/// be mistaken for `org:id:<id>`.
+fn check_ident(what: &str, value: &str, allow_colon: bool) -> Result<(), CacheError> {
+    let problem = if value.is_empty() {
+        Some("is empty".to_owned())
+    } else if value.len() > MAX_ORG_IDENT_LEN {
+        Some(format!(
+            "is {} bytes, longer than {MAX_ORG_IDENT_LEN}",
+            value.len()
+        ))
+    } else if value
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || (!allow_colon && c == ':'))
+    {
+        Some(if allow_colon {
+            "contains whitespace or a control character".to_owned()
+        } else {
+            "contains ':', whitespace or a control character".to_owned()
+        })
+    } else {
+        None
+    };
+    match problem {
+        Some(problem) => Err(CacheError::invalid_argument(
+            value,
+            format!("org {what} {problem}"),
+        )),
+        None => Ok(()),
+    }
+}
+
+impl<S: OrgStore> OrgResolver<S> {
+    /// A resolver over `cache` and the app's `store`: contexts fresh for 300 s, unknown
+    /// orgs cached for 30 s, no fail-safe, store calls bounded to 10 s.
+    pub fn new(cache: Arc<dyn CacheService>, store: S) -> Self {
+        OrgResolver {
+            cache,
+            store,
+            ttl_secs: DEFAULT_ORG_TTL_SECS,
+            negative_ttl_secs: Some(DEFAULT_ORG_NEGATIVE_TTL_SECS),
+            fail_safe: None,
+            load_timeout: DEFAULT_ORG_LOAD_TIMEOUT,
+        }
+    }
+
+    /// How long a context is fresh, in seconds (at least 1).
+    pub fn ttl_secs(mut self, secs: u64) -> Self {
+        self.ttl_secs = secs;
+        self
+    }
+
+    /// How long "no such org" is cached (`None`: not cached).
+    pub fn negative_ttl_secs(mut self, secs: Option<u64>) -> Self {
+        self.negative_ttl_secs = secs;
+        self
+    }
+
+    /// Serve the last known context for up to `grace` past its TTL when the store fails.
+    pub fn fail_safe(mut self, grace: Duration) -> Self {
+        self.fail_safe = Some(grace);
+        self
+    }
+
+    /// The longest one store call may take.
+    pub fn load_timeout(mut self, timeout: Duration) -> Self {
+        self.load_timeout = timeout;
+        self
+    }
+
+    /// The app's store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &Arc<dyn CacheService> {
+        &self.cache
+    }
+
+    fn options(&self) -> LoadOptions {
+        let mut options = LoadOptions::default()
+            .ttl_secs(self.ttl_secs)
+            .load_timeout(self.load_timeout);
+        if let Some(secs) = self.negative_ttl_secs {
+            options = options.negative_ttl_secs(secs);
+        }
+        if let Some(grace) = self.fail_safe {
+            options = options.fail_safe(grace);
+        }
+        options
+    }
+
+    /// The org with this slug: `Ok(None)` when the store has no such org.
+    pub async fn by_slug(
+        &self,
+        slug: &str,
+    ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>> {
+        check_ident("slug", slug, false)?;
+        let key = slug_key(slug);
+        let loaded = self
+            .cache
+            .get_or_load_with(&key, &self.options(), || self.store.load_by_slug(slug))
+            .await?;
+        if let (Some(context), Some((stored, ttl))) = (&loaded.value, &loaded.written) {
+            // Fill the other key with the same stored form. Best effort: a failure only
+            // costs a later load.
+            let id = context.org_id();
+            if check_ident("id", &id, true).is_ok() {
+                let _ = self
+                    .cache
+                    .set_bytes(&id_key(&id), stored.clone(), *ttl)
+                    .await;
+            }
+        }
+        Ok(loaded.value.map(|context| Resolved {
+            context,
+            source: loaded.source,
+        }))
+    }
+
+    /// The org with this id: `Ok(None)` when the store has no such org.
+    pub async fn by_id(
+        &self,
+        id: &str,
+    ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>> {
+        check_ident("id", id, true)?;
+        let key = id_key(id);
+        let loaded = self
+            .cache
+            .get_or_load_with(&key, &self.options(), || self.store.load_by_id(id))
+            .await?;
+        if let (Some(context), Some((stored, ttl))) = (&loaded.value, &loaded.written) {
+            let slug = context.org_slug();
+            if check_ident("slug", slug, false).is_ok() {
+                let _ = self
+                    .cache
+                    .set_bytes(&slug_key(slug), stored.clone(), *ttl)
+                    .await;
+            }
+        }
+        Ok(loaded.value.map(|context| Resolved {
+            context,
+            source: loaded.source,
+        }))
+    }
+
+    /// Removes the org's context under both keys (through a tiered cache, on every
+    /// instance). Call it after the org changed in the store.
+    pub async fn invalidate_org(&self, slug: &str, id: &str) -> Result<(), CacheError> {
+        let slug_result = self.cache.invalidate(&slug_key(slug)).await;
+        let id_result = self.cache.invalidate(&id_key(id)).await;
+        slug_result.and(id_result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slugs_cannot_collide_with_id_keys() {
+        assert!(check_ident("slug", "acme", false).is_ok());
+        assert!(check_ident("slug", "id:42", false).is_err());
+        assert!(check_ident("id", "tenant:42", true).is_ok());
+        for bad in ["", " acme", "ac\nme", "ac\u{0}me"] {
+            assert!(check_ident("slug", bad, false).is_err(), "{bad:?}");
+        }
+        let long = "a".repeat(MAX_ORG_IDENT_LEN + 1);
+        let err = check_ident("slug", &long, false).unwrap_err();
+        assert!(err.to_string().contains("longer than"), "{err}");
+    }
+}

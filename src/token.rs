@@ -1,0 +1,243 @@
+//! Caching validated tokens (API keys, opaque access tokens) so that each request does not
+//! re-validate them against the identity provider or the database.
+//!
+//! - The cache key is `token:<hex SHA-256 of the token>`: the raw token is never part of a
+//!   key (so it never shows in `SCAN`, `MONITOR` or a key dump), and the value holds only the
+//!   claims the app chose to cache.
+//! - An entry never outlives the token: its TTL is `min(configured TTL, token expiry - skew)`,
+//!   and a token too close to its expiry is not cached at all.
+//! - Concurrent first requests with one token validate it once per instance (single flight).
+
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::load::{LoadError, LoadOptions, LoadTtl};
+use crate::{CacheError, CacheService, CacheServiceExt};
+
+/// Default longest life of a cached token: 300 seconds.
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 300;
+/// Default margin kept before a token's expiry: 30 seconds.
+pub const DEFAULT_TOKEN_SKEW: Duration = Duration::from_secs(30);
+
+/// The cache key of `token`: `token:` and the lowercase hex SHA-256 of its bytes.
+///
+/// ```
+/// let key = cachet::token::token_key("secret-token");
+/// assert!(key.starts_with("token:") && key.len() == "token:".len() + 64);
+/// assert!(!key.contains("secret-token"));
+/// ```
+pub fn token_key(token: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digest = Sha256::digest(token.as_bytes());
+    let mut key = String::with_capacity(6 + 64);
+    key.push_str("token:");
+    for byte in digest {
+        key.push(char::from(HEX[usize::from(byte >> 4)]));
+        key.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    }
+    key
+}
+
+/// A token the app's validator accepted: its claims and when it expires.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidToken<C> {
+    /// What the app caches about the token (user, org, scopes, ...).
+    pub claims: C,
+    /// When the token stops being valid.
+    pub expires_at: SystemTime,
+}
+
+/// Validated tokens, cached under the hash of the token (see the [module docs](self)).
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::{Duration, SystemTime};
+/// use cachet::{CacheService, MokaCacheService, TokenCache};
+/// use cachet::token::ValidToken;
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// struct Claims { user: String, org: String }
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+/// let tokens: TokenCache<Claims> = TokenCache::new(cache);
+///
+/// let validate = |token: &str| {
+///     let ok = token == "tok-123";
+///     async move {
+///         // Ask the identity provider; here every "tok-123" is valid for one hour.
+///         Ok::<_, std::io::Error>(ok.then(|| ValidToken {
+///             claims: Claims { user: "ada".into(), org: "acme".into() },
+///             expires_at: SystemTime::now() + Duration::from_secs(3600),
+///         }))
+///     }
+/// };
+/// let claims = tokens.get_or_validate("tok-123", validate("tok-123")).await?;
+/// assert_eq!(claims.map(|c| c.user).as_deref(), Some("ada"));
+/// assert!(tokens.get("tok-123").await?.is_some());            // cached, under the hash
+/// assert!(tokens.get_or_validate("forged", validate("forged")).await?.is_none());
+///
+/// tokens.invalidate("tok-123").await?;                         // e.g. on logout
+/// assert!(tokens.get("tok-123").await?.is_none());
+/// # Ok(()) }
+/// ```
+pub struct TokenCache<C> {
+    cache: Arc<dyn CacheService>,
+    max_ttl_secs: u64,
+    skew: Duration,
+    load_timeout: Duration,
+    claims: PhantomData<fn() -> C>,
+}
+
+impl<C> fmt::Debug for TokenCache<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("cache", &self.cache)
+            .field("max_ttl_secs", &self.max_ttl_secs)
+            .field("skew", &self.skew)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> Clone for TokenCache<C> {
+    fn clone(&self) -> Self {
+        TokenCache {
+            cache: Arc::clone(&self.cache),
+            max_ttl_secs: self.max_ttl_secs,
+            skew: self.skew,
+            load_timeout: self.load_timeout,
+            claims: PhantomData,
+        }
+    }
+}
+
+impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
+    /// A token cache over `cache`: entries live at most 300 s and end 30 s before their
+    /// token expires.
+    pub fn new(cache: Arc<dyn CacheService>) -> Self {
+        TokenCache {
+            cache,
+            max_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
+            skew: DEFAULT_TOKEN_SKEW,
+            load_timeout: crate::load::DEFAULT_LOAD_TIMEOUT,
+            claims: PhantomData,
+        }
+    }
+
+    /// The longest an entry lives, in seconds (at least 1).
+    pub fn max_ttl_secs(mut self, secs: u64) -> Self {
+        self.max_ttl_secs = secs.max(1);
+        self
+    }
+
+    /// How long before the token's expiry its entry ends.
+    pub fn skew(mut self, skew: Duration) -> Self {
+        self.skew = skew;
+        self
+    }
+
+    /// The longest one validation may take (default 30 s).
+    pub fn load_timeout(mut self, timeout: Duration) -> Self {
+        self.load_timeout = timeout;
+        self
+    }
+
+    /// How long an entry for a token expiring at `expires_at` may live, in whole seconds:
+    /// `None` when the token is within the skew of its expiry (do not cache it).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    /// use cachet::{MokaCacheService, TokenCache};
+    ///
+    /// let tokens: TokenCache<String> = TokenCache::new(std::sync::Arc::new(MokaCacheService::default()));
+    /// let in_an_hour = SystemTime::now() + Duration::from_secs(3600);
+    /// assert_eq!(tokens.ttl_for(in_an_hour), Some(300));             // the configured maximum
+    /// let soon = SystemTime::now() + Duration::from_secs(100);
+    /// assert!(matches!(tokens.ttl_for(soon), Some(69..=70)));        // expiry - 30 s skew
+    /// assert_eq!(tokens.ttl_for(SystemTime::now() + Duration::from_secs(20)), None);
+    /// ```
+    pub fn ttl_for(&self, expires_at: SystemTime) -> Option<u64> {
+        let left = expires_at.duration_since(SystemTime::now()).ok()?;
+        let usable = left.checked_sub(self.skew)?.as_secs();
+        (usable >= 1).then(|| usable.min(self.max_ttl_secs))
+    }
+
+    /// The cached claims of `token`, if any.
+    pub async fn get(&self, token: &str) -> Result<Option<C>, CacheError> {
+        self.cache.get::<C>(&token_key(token)).await
+    }
+
+    /// Caches `claims` for `token`; `Ok(false)` when the token is too close to its expiry to
+    /// be cached.
+    pub async fn insert(
+        &self,
+        token: &str,
+        claims: &C,
+        expires_at: SystemTime,
+    ) -> Result<bool, CacheError> {
+        let Some(ttl) = self.ttl_for(expires_at) else {
+            return Ok(false);
+        };
+        self.cache.set(&token_key(token), claims, Some(ttl)).await?;
+        Ok(true)
+    }
+
+    /// The cached claims of `token`, or else `validate`'s verdict: a [`ValidToken`] is cached
+    /// (for [`ttl_for`](Self::ttl_for) its expiry) and its claims returned; `Ok(None)` (an
+    /// invalid token) is returned and not cached; an error is returned and not cached.
+    /// Concurrent calls with one token validate it once per instance.
+    pub async fn get_or_validate<E, Fut>(
+        &self,
+        token: &str,
+        validate: Fut,
+    ) -> Result<Option<C>, LoadError<E>>
+    where
+        E: Send + Sync + 'static,
+        Fut: Future<Output = Result<Option<ValidToken<C>>, E>> + Send,
+    {
+        let options = LoadOptions::default()
+            .ttl_secs(self.max_ttl_secs)
+            .load_timeout(self.load_timeout);
+        let key = token_key(token);
+        let first_read = self.cache.get_bytes_now(&key);
+        let loaded = crate::load::load(&*self.cache, &key, &options, first_read, || async {
+            let verdict = validate.await?;
+            Ok(verdict.map(|valid| {
+                let ttl = match self.ttl_for(valid.expires_at) {
+                    Some(secs) => LoadTtl::Secs(secs),
+                    None => LoadTtl::DontStore,
+                };
+                (valid.claims, ttl)
+            }))
+        })
+        .await?;
+        Ok(loaded.value)
+    }
+
+    /// Removes `token`'s entry (a logout, a revoked key).
+    pub async fn invalidate(&self, token: &str) -> Result<(), CacheError> {
+        self.cache.invalidate(&token_key(token)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_key_is_the_sha256_of_the_token() {
+        // SHA-256("abc"), FIPS 180-2 appendix B.1.
+        assert_eq!(
+            token_key("abc"),
+            "token:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
