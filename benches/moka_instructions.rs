@@ -18,6 +18,7 @@ use common::{OrgContext, TtlValue, decode, encode, fixture, runtime};
 /// Every contender, in the order the script reports them.
 const CONTENDERS: &[&str] = &[
     "get/cachet",
+    "get-or-load-hit/cachet",
     "get/raw-moka",
     "get/raw-mini-moka",
     "set/cachet",
@@ -37,7 +38,7 @@ fn run(contender: &str, ops: usize) {
         // out of the difference.
         for (k, v) in f.keys.iter().zip(&f.values) {
             match contender {
-                "get/cachet" => cache.set(k, v, None).await.unwrap(),
+                "get/cachet" | "get-or-load-hit/cachet" => cache.set(k, v, None).await.unwrap(),
                 "get/raw-moka" => raw_moka.insert(k.clone(), encode(v)),
                 "get/raw-mini-moka" => {
                     raw_mini.insert(k.clone(), serde_json::to_string(v).unwrap())
@@ -51,6 +52,14 @@ fn run(contender: &str, ops: usize) {
             match contender {
                 "get/cachet" => {
                     black_box(cache.get::<OrgContext>(key).await.unwrap());
+                }
+                "get-or-load-hit/cachet" => {
+                    let hit = cache
+                        .get_or_load::<OrgContext, std::io::Error, _, _>(key, None, || async {
+                            unreachable!("every key is cached")
+                        })
+                        .await;
+                    black_box(hit.unwrap());
                 }
                 "get/raw-moka" => {
                     black_box(raw_moka.get(key.as_str()).map(|b| decode(&b)));
