@@ -9,6 +9,8 @@
 //! - [`MokaCacheService`]: the in-process backend (moka), with per-entry TTL and capacity in
 //!   entries or bytes.
 //! - [`Cache`]: the enum over the backends.
+//! - [`EncryptedCacheService`] and [`NamespacedCacheService`]: decorators around any service
+//!   (AES-256-GCM values with key rotation; a tenant namespace), see [`decorate`].
 //!
 //! ```
 //! use std::sync::Arc;
@@ -39,6 +41,7 @@ pub mod codec;
 mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod decorate;
 pub mod envelope;
 mod error;
 pub mod invalidation;
@@ -55,6 +58,9 @@ pub use backend::{
     TieredCacheService, TieredCacheServiceBuilder,
 };
 pub use config::{CacheSettings, build_cache_service};
+pub use decorate::{
+    EncryptedCacheService, EncryptedEnvelope, EncryptionKey, EncryptionKeys, NamespacedCacheService,
+};
 pub use error::{BoxError, CacheError, KeyName, LockError};
 pub use load::{LoadError, LoadOptions, LoadSource, Loaded};
 pub use lock::{
