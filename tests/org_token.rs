@@ -80,13 +80,22 @@ impl Db {
         self.by_slug.load(Ordering::SeqCst) + self.by_id.load(Ordering::SeqCst)
     }
 
-    async fn answer(&self, found: impl Fn(&OrgContext) -> bool) -> Result<Option<OrgContext>, DbDown> {
+    async fn answer(
+        &self,
+        found: impl Fn(&OrgContext) -> bool,
+    ) -> Result<Option<OrgContext>, DbDown> {
         let delay = *self.delay.lock().unwrap();
         tokio::time::sleep(delay).await;
         if self.down.load(Ordering::SeqCst) {
             return Err(DbDown);
         }
-        Ok(self.orgs.lock().unwrap().values().find(|o| found(o)).cloned())
+        Ok(self
+            .orgs
+            .lock()
+            .unwrap()
+            .values()
+            .find(|o| found(o))
+            .cloned())
     }
 }
 
@@ -176,7 +185,11 @@ async fn concurrent_first_requests_reach_the_store_once(cache: Arc<dyn CacheServ
         let resolved = task.await.unwrap().unwrap().expect("acme exists");
         assert_eq!(resolved.context.plan, "pro");
     }
-    assert_eq!(db.loads(), 1, "200 concurrent first requests, one store load");
+    assert_eq!(
+        db.loads(),
+        1,
+        "200 concurrent first requests, one store load"
+    );
 }
 
 async fn both_keys_hold_the_same_context(cache: Arc<dyn CacheService>) {
@@ -290,10 +303,16 @@ async fn an_org_update_reaches_every_instance() {
     };
     let (on_a, on_b) = (resolver(&a), resolver(&b));
 
-    assert_eq!(on_a.by_slug("acme").await.unwrap().unwrap().context.plan, "pro");
+    assert_eq!(
+        on_a.by_slug("acme").await.unwrap().unwrap().context.plan,
+        "pro"
+    );
     let seen = b.invalidations_applied();
     let from_b = on_b.by_slug("acme").await.unwrap().unwrap();
-    assert_eq!((from_b.source, from_b.context.plan.as_str()), (LoadSource::Cache, "pro"));
+    assert_eq!(
+        (from_b.source, from_b.context.plan.as_str()),
+        (LoadSource::Cache, "pro")
+    );
     assert_eq!(db.loads(), 1, "B read what A loaded, from Redis");
 
     db.put("42", "acme", "enterprise");
@@ -304,7 +323,10 @@ async fn an_org_update_reaches_every_instance() {
     );
     for _ in 0..3 {
         let now = on_b.by_slug("acme").await.unwrap().unwrap();
-        assert_eq!(now.context.plan, "enterprise", "B never serves the old context");
+        assert_eq!(
+            now.context.plan, "enterprise",
+            "B never serves the old context"
+        );
         let by_id = on_b.by_id("42").await.unwrap().unwrap();
         assert_eq!(by_id.context.plan, "enterprise");
     }
@@ -336,30 +358,56 @@ fn valid_for(secs: u64) -> ValidToken<Claims> {
 async fn tokens_are_keyed_by_their_hash_and_never_outlive_their_expiry() {
     let server = standalone();
     let tokens: TokenCache<Claims> = TokenCache::new(redis_cache().await);
-    let raw = format!("{}-sk_live_ABCDEF0123456789", unique_prefix("tok").replace(':', ""));
+    let raw = format!(
+        "{}-sk_live_ABCDEF0123456789",
+        unique_prefix("tok").replace(':', "")
+    );
 
     // Expires in 100 s: the entry must end by expiry - 30 s skew.
-    assert!(tokens.insert(&raw, &claims(), valid_for(100).expires_at).await.unwrap());
+    assert!(
+        tokens
+            .insert(&raw, &claims(), valid_for(100).expires_at)
+            .await
+            .unwrap()
+    );
     let key = token_key(&raw);
     assert!(key.starts_with("token:") && !key.contains(&raw));
     let pttl: i64 = server.cli(&["PTTL", &key]).trim().parse().unwrap();
-    assert!((1..=70_000).contains(&pttl), "PTTL {pttl} ms outlives expiry - skew");
+    assert!(
+        (1..=70_000).contains(&pttl),
+        "PTTL {pttl} ms outlives expiry - skew"
+    );
     assert_eq!(tokens.get(&raw).await.unwrap(), Some(claims()));
 
     // Long-lived tokens are capped by the configured TTL (300 s).
     let long = format!("{raw}-long");
-    tokens.insert(&long, &claims(), valid_for(86_400).expires_at).await.unwrap();
-    let pttl: i64 = server.cli(&["PTTL", &token_key(&long)]).trim().parse().unwrap();
+    tokens
+        .insert(&long, &claims(), valid_for(86_400).expires_at)
+        .await
+        .unwrap();
+    let pttl: i64 = server
+        .cli(&["PTTL", &token_key(&long)])
+        .trim()
+        .parse()
+        .unwrap();
     assert!((1..=300_000).contains(&pttl), "PTTL {pttl}");
 
     // Inside the skew: not cached at all.
     let soon = format!("{raw}-soon");
-    assert!(!tokens.insert(&soon, &claims(), valid_for(20).expires_at).await.unwrap());
+    assert!(
+        !tokens
+            .insert(&soon, &claims(), valid_for(20).expires_at)
+            .await
+            .unwrap()
+    );
     assert_eq!(server.cli(&["EXISTS", &token_key(&soon)]).trim(), "0");
 
     // No key in the whole server holds the raw token.
     let keys = server.cli(&["KEYS", "*"]);
-    assert!(!keys.contains("sk_live_ABCDEF0123456789"), "a raw token in a key: {keys}");
+    assert!(
+        !keys.contains("sk_live_ABCDEF0123456789"),
+        "a raw token in a key: {keys}"
+    );
 
     tokens.invalidate(&raw).await.unwrap();
     assert_eq!(tokens.get(&raw).await.unwrap(), None);
