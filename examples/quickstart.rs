@@ -1,5 +1,6 @@
 //! cachet in five minutes: cache-aside loading of an org (tenant) context in front of a slow
-//! store, with hits, misses, TTL expiry and prefix invalidation.
+//! store (`get_or_load_with`), with hits, misses, TTL expiry, prefix invalidation, and a
+//! stampede of concurrent first requests that reaches the store once.
 //!
 //! ```text
 //! cargo run --example quickstart
@@ -11,11 +12,12 @@
 //! only those, so it is safe to point at a Redis that holds other data.
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use cachet::{CacheError, CacheService, CacheServiceExt, CacheSettings};
+use cachet::{CacheService, CacheServiceExt, CacheSettings, LoadError, LoadOptions, LoadSource};
 
 /// Every key this example writes starts with this, and it removes nothing else.
 const PREFIX: &str = "quickstart:";
@@ -59,28 +61,33 @@ impl FakeOrgStore {
     }
 }
 
-/// Cache-aside: the cache first, the store on a miss, then fill the cache.
+/// Cache-aside: the cache first; on a miss the store (once, however many callers miss at
+/// the same time), then the cache is filled.
 async fn resolve(
     cache: &dyn CacheService,
     store: &FakeOrgStore,
     slug: &str,
     ttl_secs: Option<u64>,
-) -> Result<Option<OrgContext>, CacheError> {
+) -> Result<Option<OrgContext>, LoadError<Infallible>> {
     let key = format!("{PREFIX}org:{slug}");
-    if let Some(ctx) = cache.get::<OrgContext>(&key).await? {
-        println!("  {key:<24} hit   -> {}", ctx.name);
-        return Ok(Some(ctx));
+    let mut options = LoadOptions::default();
+    if let Some(secs) = ttl_secs {
+        options = options.ttl_secs(secs);
     }
-    let Some(ctx) = store.load_by_slug(slug).await else {
-        println!("  {key:<24} miss  -> not in the store");
-        return Ok(None);
-    };
-    cache.set(&key, &ctx, ttl_secs).await?;
-    println!(
-        "  {key:<24} miss  -> loaded {} from the store, cached",
-        ctx.name
-    );
-    Ok(Some(ctx))
+    let loaded = cache
+        .get_or_load_with(&key, &options, || async {
+            Ok(store.load_by_slug(slug).await)
+        })
+        .await?;
+    match (&loaded.value, loaded.source) {
+        (Some(ctx), LoadSource::Cache) => println!("  {key:<24} hit   -> {}", ctx.name),
+        (Some(ctx), _) => println!(
+            "  {key:<24} miss  -> loaded {} from the store, cached",
+            ctx.name
+        ),
+        (None, _) => println!("  {key:<24} miss  -> not in the store"),
+    }
+    Ok(loaded.value)
 }
 
 #[tokio::main]
@@ -91,13 +98,13 @@ async fn main() {
     }
 }
 
-async fn run() -> Result<(), CacheError> {
+async fn run() -> Result<(), Box<dyn std::error::Error>> {
     // REDIS_URL set: Redis; unset: in memory. A bad URL or an unreachable server is an error
     // that says which, within the connect timeout.
     let cache: Arc<dyn CacheService> = CacheSettings::from_env()?.build().await?;
     // Start clean: remove what an earlier run left (only this example's keys).
     cache.invalidate_prefix(PREFIX).await?;
-    let store = FakeOrgStore::default();
+    let store = Arc::new(FakeOrgStore::default());
     println!("backend: {cache:?}");
 
     println!("\n1. first request misses and loads, the second hits:");
@@ -133,8 +140,31 @@ async fn run() -> Result<(), CacheError> {
         Ok(v) => println!("  unexpected: {v:?}"),
     }
 
+    println!("\n5. 100 concurrent first requests for one org reach the store once:");
+    let before = store.loads.load(Ordering::Relaxed);
+    let requests: Vec<_> = (0..100)
+        .map(|_| {
+            let (cache, store) = (Arc::clone(&cache), Arc::clone(&store));
+            tokio::spawn(async move {
+                let key = format!("{PREFIX}org:initech");
+                cache
+                    .get_or_load(&key, None, || async {
+                        Ok::<_, Infallible>(store.load_by_slug("initech").await)
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for request in requests {
+        request.await??;
+    }
     println!(
-        "\nstore loads: {} (for 8 resolutions)",
+        "  100 concurrent requests, {} store load",
+        store.loads.load(Ordering::Relaxed) - before
+    );
+
+    println!(
+        "\nstore loads: {} (for 108 resolutions)",
         store.loads.load(Ordering::Relaxed)
     );
     cache.invalidate_prefix(PREFIX).await?;

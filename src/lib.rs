@@ -4,8 +4,11 @@
 //!
 //! - [`CacheService`]: the object-safe, byte-level trait every backend implements
 //!   (`get_bytes`, `set_bytes`, `invalidate`, `invalidate_prefix`).
-//! - [`CacheServiceExt`]: the typed helpers (`get::<T>`, `set`) for every service,
-//!   `dyn CacheService` included.
+//! - [`CacheServiceExt`]: the typed helpers (`get::<T>`, `set`, and cache-aside
+//!   [`get_or_load`](CacheServiceExt::get_or_load) with a single flight, negative caching and
+//!   fail-safe) for every service, `dyn CacheService` included.
+//! - [`OrgResolver`] (org/tenant contexts under `org:<slug>` and `org:id:<id>`, from the
+//!   app's [`OrgStore`]) and [`TokenCache`] (validated tokens under the hash of the token).
 //! - [`MokaCacheService`]: the in-process backend (moka), with per-entry TTL and capacity in
 //!   entries or bytes.
 //! - [`Cache`]: the enum over the backends.

@@ -20,7 +20,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::load::{LoadError, LoadOptions, LoadSource};
-use crate::{CacheError, CacheService, CacheServiceExt};
+use crate::{CacheError, CacheService, CacheServiceExt, ConcurrencyService};
 
 /// Default freshness of a cached org context: 300 seconds.
 pub const DEFAULT_ORG_TTL_SECS: u64 = 300;
@@ -175,6 +175,7 @@ pub struct OrgResolver<S> {
     negative_ttl_secs: Option<u64>,
     fail_safe: Option<Duration>,
     load_timeout: Duration,
+    locks: Option<Arc<dyn ConcurrencyService>>,
 }
 
 impl<S> fmt::Debug for OrgResolver<S> {
@@ -185,6 +186,7 @@ impl<S> fmt::Debug for OrgResolver<S> {
             .field("negative_ttl_secs", &self.negative_ttl_secs)
             .field("fail_safe", &self.fail_safe)
             .field("load_timeout", &self.load_timeout)
+            .field("distributed_single_flight", &self.locks.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -250,6 +252,7 @@ impl<S: OrgStore> OrgResolver<S> {
             negative_ttl_secs: Some(DEFAULT_ORG_NEGATIVE_TTL_SECS),
             fail_safe: None,
             load_timeout: DEFAULT_ORG_LOAD_TIMEOUT,
+            locks: None,
         }
     }
 
@@ -277,6 +280,15 @@ impl<S: OrgStore> OrgResolver<S> {
         self
     }
 
+    /// Single flight across instances: concurrent misses of one org on many instances load
+    /// it once in all, under a lock of `locks` (shared by the instances, e.g. a
+    /// [`RedisConcurrencyService`](crate::RedisConcurrencyService) on the same Redis). See
+    /// [`LoadOptions::distributed_single_flight`].
+    pub fn distributed_single_flight(mut self, locks: Arc<dyn ConcurrencyService>) -> Self {
+        self.locks = Some(locks);
+        self
+    }
+
     /// The app's store.
     pub fn store(&self) -> &S {
         &self.store
@@ -296,6 +308,9 @@ impl<S: OrgStore> OrgResolver<S> {
         }
         if let Some(grace) = self.fail_safe {
             options = options.fail_safe(grace);
+        }
+        if let Some(locks) = &self.locks {
+            options = options.distributed_single_flight(Arc::clone(locks));
         }
         options
     }

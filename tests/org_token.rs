@@ -471,3 +471,44 @@ async fn invalid_tokens_and_validator_errors_are_not_cached() {
     assert_eq!(near, Some(claims()));
     assert_eq!(cache.get_bytes(&token_key("tok-3")).await.unwrap(), None);
 }
+
+/// Two instances (separate services, so separate local flights) missing one org at once.
+async fn two_instances_resolving_at_once(distributed: bool) -> usize {
+    let ns = unique_prefix("org-dist").replace(':', "-");
+    let db = acme_db();
+    *db.delay.lock().unwrap() = Duration::from_millis(200);
+    let mut instances = Vec::new();
+    for _ in 0..2 {
+        let cache: Arc<dyn CacheService> =
+            Arc::new(NamespacedCacheService::new(redis_cache().await, ns.clone()).unwrap());
+        let mut orgs = OrgResolver::new(cache, SharedDb(Arc::clone(&db)));
+        if distributed {
+            let locks = cachet::RedisConcurrencyService::new(&standalone().url())
+                .await
+                .unwrap();
+            orgs = orgs.distributed_single_flight(Arc::new(locks));
+        }
+        instances.push(Arc::new(orgs));
+    }
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let orgs = Arc::clone(&instances[i % 2]);
+        tasks.push(tokio::spawn(async move { orgs.by_slug("acme").await }));
+    }
+    for task in tasks {
+        let resolved = task.await.unwrap().unwrap().expect("acme exists");
+        assert_eq!(resolved.context.plan, "pro");
+    }
+    db.loads()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_single_flight_loads_once_across_instances() {
+    assert_eq!(
+        two_instances_resolving_at_once(true).await,
+        1,
+        "two instances, 200 concurrent first requests, one store load in all"
+    );
+    // Without the shared lock each instance loads once.
+    assert_eq!(two_instances_resolving_at_once(false).await, 2);
+}

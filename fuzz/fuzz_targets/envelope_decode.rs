@@ -1,11 +1,13 @@
-//! Arbitrary bytes read as a stored envelope and as an invalidation message: never a panic;
-//! whatever decodes encodes back to the same bytes. Each input is also tried behind a valid
+//! Arbitrary bytes read as a stored envelope, as a `get_or_load` frame (and through the typed
+//! read that understands frames) and as an invalidation message: never a panic; whatever
+//! decodes encodes back to the same bytes. Each input is also tried behind a valid
 //! header, so that the paths past the magic and version checks get fuzzed on every run.
 #![no_main]
 
 use bytes::Bytes;
 use cachet::envelope::Envelope;
 use cachet::invalidation::Message;
+use cachet::load::{Frame, decode_stored};
 use libfuzzer_sys::fuzz_target;
 
 fn check_envelope(stored: Bytes) {
@@ -13,6 +15,14 @@ fn check_envelope(stored: Bytes) {
         assert_eq!(envelope.encode(), stored, "envelope round trip");
         let _ = envelope.remaining();
     }
+}
+
+fn check_frame(stored: Bytes) {
+    if let Ok(frame) = Frame::decode("fuzz", &stored) {
+        assert_eq!(frame.encode(), stored, "frame round trip");
+        assert!(!frame.absent || frame.payload.is_empty());
+    }
+    let _ = decode_stored::<Vec<(String, u32)>>("fuzz", &stored);
 }
 
 fn check_message(data: &[u8]) {
@@ -28,6 +38,10 @@ fuzz_target!(|data: &[u8]| {
     let mut enveloped = b"CE\x01".to_vec();
     enveloped.extend_from_slice(data);
     check_envelope(Bytes::from(enveloped));
+    check_frame(Bytes::copy_from_slice(data));
+    let mut framed = b"\0cf\x01".to_vec();
+    framed.extend_from_slice(data);
+    check_frame(Bytes::from(framed));
     let mut message = b"CI\x01".to_vec();
     message.extend_from_slice(data);
     check_message(&message);

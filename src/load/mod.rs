@@ -16,6 +16,10 @@
 //!   result says so ([`LoadSource::Stale`]). A value served this way is kept for a short
 //!   throttle time before the store is asked again, never past the grace period.
 //! - Bounded: the loader runs under a timeout (default 30 s), and waiters give up with it.
+//! - Across instances (opt-in, [`LoadOptions::distributed_single_flight`]): the leader of
+//!   each instance also takes a lock (a [`RedisConcurrencyService`](crate::RedisConcurrencyService)
+//!   shared by the instances) and reads the cache again once it holds it, so that N instances
+//!   missing one key at once load it once in all, not once each.
 
 mod flight;
 pub mod frame;
@@ -31,6 +35,7 @@ use serde::de::DeserializeOwned;
 
 use self::flight::{Outcome, Role};
 pub use self::frame::{Frame, decode_stored, now_ms};
+use crate::lock::{ConcurrencyService, LockGuard, LockOptions};
 use crate::service::resolve_ttl;
 use crate::{CacheError, CacheService, KeyName, codec};
 
@@ -53,13 +58,14 @@ pub const DEFAULT_FAIL_SAFE_THROTTLE: Duration = Duration::from_secs(5);
 ///     .load_timeout(Duration::from_secs(2));      // when the store fails or hangs
 /// assert_eq!(options.ttl(), Some(300));
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     ttl_secs: Option<u64>,
     negative_ttl_secs: Option<u64>,
     fail_safe: Option<Duration>,
     fail_safe_throttle: Duration,
     load_timeout: Duration,
+    locks: Option<Arc<dyn ConcurrencyService>>,
 }
 
 impl Default for LoadOptions {
@@ -71,6 +77,7 @@ impl Default for LoadOptions {
             fail_safe: None,
             fail_safe_throttle: DEFAULT_FAIL_SAFE_THROTTLE,
             load_timeout: DEFAULT_LOAD_TIMEOUT,
+            locks: None,
         }
     }
 }
@@ -107,6 +114,34 @@ impl LoadOptions {
     pub fn load_timeout(mut self, timeout: Duration) -> Self {
         self.load_timeout = timeout;
         self
+    }
+
+    /// Single flight across instances: before loading, this instance's leader takes the lock
+    /// `cachet:load:<key>` in `locks` (a lock service every instance shares, such as a
+    /// [`RedisConcurrencyService`](crate::RedisConcurrencyService) on the same Redis) and
+    /// reads the cache again once it holds it; the instances that waited find the value
+    /// there. Waiting for the lock counts against the load timeout. If the lock cannot be
+    /// had (the lock server is down, or the holder takes longer than the load timeout), the
+    /// instance loads anyway: the cross-instance flight is an optimisation, never a reason to
+    /// fail a request.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{ConcurrencyService, LoadOptions, LocalConcurrencyService};
+    ///
+    /// // In production: RedisConcurrencyService::new(redis_url).await?, shared by instances.
+    /// let locks: Arc<dyn ConcurrencyService> = Arc::new(LocalConcurrencyService::default());
+    /// let options = LoadOptions::default().ttl_secs(300).distributed_single_flight(locks);
+    /// assert!(options.is_distributed());
+    /// ```
+    pub fn distributed_single_flight(mut self, locks: Arc<dyn ConcurrencyService>) -> Self {
+        self.locks = Some(locks);
+        self
+    }
+
+    /// Whether loads also take a cross-instance lock.
+    pub fn is_distributed(&self) -> bool {
+        self.locks.is_some()
     }
 
     /// The fresh TTL, when set.
@@ -455,7 +490,37 @@ where
         }
     }
 
-    let failure = match tokio::time::timeout(options.load_timeout, loader()).await {
+    // Across instances: hold the shared lock while loading, and read once more under it.
+    let started = tokio::time::Instant::now();
+    let mut lock: Option<LockGuard> = None;
+    if let Some(locks) = &options.locks {
+        let lock_options = LockOptions::default()
+            .wait_timeout(options.load_timeout)
+            .lease(options.load_timeout.max(Duration::from_secs(1)));
+        let lock_key = format!("cachet:load:{key}");
+        if let Ok(guard) = locks.acquire(&lock_key, &lock_options).await {
+            let mut under_lock_error = None;
+            if let Read::Hit(value, payload, stale) = classify::<T>(
+                key,
+                cache.get_bytes(key).await,
+                options,
+                &mut under_lock_error,
+            ) {
+                let _ = guard.release().await;
+                leader.finish(Outcome::Value { payload, stale });
+                return Ok(Loaded {
+                    value,
+                    source: cached_source(stale),
+                    cache_error: under_lock_error.or(cache_error),
+                    written: None,
+                });
+            }
+            lock = Some(guard);
+        }
+    }
+    let remaining = options.load_timeout.saturating_sub(started.elapsed());
+
+    let failure = match tokio::time::timeout(remaining, loader()).await {
         Ok(Ok(Some((value, ttl)))) => {
             let payload = match codec::encode(key, &value) {
                 Ok(payload) => payload,
@@ -465,6 +530,7 @@ where
                 }
             };
             let written = store_value(cache, key, options, ttl, &payload, &mut cache_error).await;
+            release(lock).await;
             leader.finish(Outcome::Value {
                 payload: Some(payload),
                 stale: false,
@@ -486,6 +552,7 @@ where
                     Err(error) => cache_error = Some(error),
                 }
             }
+            release(lock).await;
             leader.finish(Outcome::Value {
                 payload: None,
                 stale: false,
@@ -502,6 +569,7 @@ where
     };
 
     // The loader failed or timed out: fail-safe serves the last known value, if any.
+    release(lock).await;
     if let Some(frame) = stale {
         let now = now_ms();
         if now < frame.stale_until_ms {
@@ -546,6 +614,14 @@ where
                 after,
             })
         }
+    }
+}
+
+/// Releases the cross-instance lock, if one is held. A release the lock server did not
+/// answer is not an error here: the lease frees the lock.
+async fn release(lock: Option<LockGuard>) {
+    if let Some(guard) = lock {
+        let _ = guard.release().await;
     }
 }
 
