@@ -512,3 +512,111 @@ async fn a_distributed_single_flight_loads_once_across_instances() {
     // Without the shared lock each instance loads once.
     assert_eq!(two_instances_resolving_at_once(false).await, 2);
 }
+
+// ---- secrets at rest ----
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SecretOrg {
+    id: String,
+    slug: String,
+    api_secret: String,
+}
+
+impl OrgIdentity for SecretOrg {
+    fn org_slug(&self) -> &str {
+        &self.slug
+    }
+    fn org_id(&self) -> String {
+        self.id.clone()
+    }
+}
+
+struct SecretStore;
+
+const ORG_SECRET: &str = "sk_live_ORG_SECRET_5f1c9a";
+const RAW_TOKEN: &str = "tok_RAW_BEARER_77e0b2";
+
+impl OrgStore for SecretStore {
+    type Context = SecretOrg;
+    type Error = DbDown;
+
+    async fn load_by_slug(&self, slug: &str) -> Result<Option<SecretOrg>, DbDown> {
+        Ok((slug == "acme").then(|| SecretOrg {
+            id: "42".into(),
+            slug: "acme".into(),
+            api_secret: ORG_SECRET.into(),
+        }))
+    }
+
+    async fn load_by_id(&self, id: &str) -> Result<Option<SecretOrg>, DbDown> {
+        Ok((id == "42").then(|| SecretOrg {
+            id: "42".into(),
+            slug: "acme".into(),
+            api_secret: ORG_SECRET.into(),
+        }))
+    }
+}
+
+/// The app layer on one Redis server of its own, through the encryption decorator over the
+/// tiered backend (fail-safe frames, negative markers and token claims included): no key
+/// holds the raw token, no value holds the org secret or the raw token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_secret_reaches_redis_in_plaintext() {
+    let server = RedisServer::start();
+    let tiered = TieredCacheService::builder(RedisCacheService::builder(server.url()))
+        .build()
+        .await
+        .unwrap();
+    let keys = cachet::decorate::EncryptionKeys::new(1, [7u8; 32]);
+    let cache: Arc<dyn CacheService> = Arc::new(cachet::EncryptedCacheService::new(tiered, keys));
+
+    let orgs = OrgResolver::new(Arc::clone(&cache), SecretStore).fail_safe(Duration::from_secs(60));
+    let acme = orgs.by_slug("acme").await.unwrap().unwrap();
+    assert_eq!(acme.context.api_secret, ORG_SECRET);
+    assert_eq!(
+        orgs.by_id("42").await.unwrap().unwrap().source,
+        LoadSource::Cache
+    );
+    assert!(orgs.by_slug("unknown").await.unwrap().is_none());
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct TokenClaims {
+        org_secret_echo: String,
+        bearer: String,
+    }
+    let tokens: TokenCache<TokenClaims> = TokenCache::new(Arc::clone(&cache));
+    let claims = TokenClaims {
+        org_secret_echo: ORG_SECRET.into(),
+        bearer: RAW_TOKEN.into(),
+    };
+    assert!(
+        tokens
+            .insert(
+                RAW_TOKEN,
+                &claims,
+                SystemTime::now() + Duration::from_secs(3600)
+            )
+            .await
+            .unwrap()
+    );
+    assert_eq!(tokens.get(RAW_TOKEN).await.unwrap(), Some(claims));
+
+    let all_keys = server.request(&["KEYS", "*"]).unwrap();
+    let names: Vec<String> = all_keys.items().iter().map(|k| k.to_text()).collect();
+    assert!(
+        names.len() >= 4,
+        "org keys, the negative marker and the token: {names:?}"
+    );
+    for name in &names {
+        assert!(!name.contains(RAW_TOKEN), "a raw token in a key: {name}");
+        let support::Resp::Bulk(Some(value)) = server.request(&["GET", name]).unwrap() else {
+            panic!("{name} is not a string value")
+        };
+        for secret in [ORG_SECRET, RAW_TOKEN, "acme"] {
+            assert!(
+                !value.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "{secret} in plaintext under {name}"
+            );
+        }
+    }
+}
