@@ -7,7 +7,7 @@
 //! | what the resolver says | response |
 //! | --- | --- |
 //! | the org | the inner service runs, with a [`ResolvedOrg`] in the request extensions (take it with axum's `Extension<ResolvedOrg<C>>`) |
-//! | the last known org, served by fail-safe because the store failed | the same, and the response carries [`STALE_HEADER`]` : true` |
+//! | the last known org, served by fail-safe because the store failed | the same, and the response carries `x-org-stale: true` ([`STALE_HEADER`]) |
 //! | no such org; no identifier in the request, or a malformed one | `404 Not Found` |
 //! | the store failed or timed out, and nothing usable is cached | `503 Service Unavailable` |
 //! | another cache error (a value that does not encode, a bad TTL setting) | `500 Internal Server Error` |
