@@ -50,6 +50,8 @@ mod error;
 pub mod invalidation;
 pub mod load;
 pub mod lock;
+#[cfg(feature = "axum")]
+pub mod middleware;
 #[cfg(feature = "mock")]
 mod mock;
 pub mod org;
@@ -70,6 +72,8 @@ pub use lock::{
     Concurrency, ConcurrencyService, ConcurrencyServiceExt, LocalConcurrencyService, LockGuard,
     LockOptions, RedisConcurrencyService, build_concurrency_service,
 };
+#[cfg(feature = "axum")]
+pub use middleware::{OrgLayer, OrgRejection, OrgService, OrgSource, ResolvedOrg};
 #[cfg(feature = "mock")]
 pub use mock::MockCacheService;
 pub use org::{OrgIdentity, OrgResolver, OrgStore, Resolved};

@@ -241,6 +241,35 @@ fn check_ident(what: &str, value: &str, allow_colon: bool) -> Result<(), CacheEr
     }
 }
 
+/// Checks a slug the way [`OrgResolver::by_slug`] does before it reads the cache: not
+/// empty, at most [`MAX_ORG_IDENT_LEN`] bytes, no whitespace, control character or `:`.
+/// A malformed slug is [`CacheError::InvalidArgument`]. Use it to tell a bad identifier
+/// from a request apart from other errors before resolving.
+///
+/// ```
+/// use cachet::org::validate_slug;
+///
+/// assert!(validate_slug("acme").is_ok());
+/// assert!(validate_slug("id:42").is_err());
+/// assert!(validate_slug("ac me").is_err());
+/// ```
+pub fn validate_slug(slug: &str) -> Result<(), CacheError> {
+    check_ident("slug", slug, false)
+}
+
+/// Checks an id the way [`OrgResolver::by_id`] does: like [`validate_slug`], except that
+/// `:` is allowed.
+///
+/// ```
+/// use cachet::org::validate_id;
+///
+/// assert!(validate_id("tenant:42").is_ok());
+/// assert!(validate_id("").is_err());
+/// ```
+pub fn validate_id(id: &str) -> Result<(), CacheError> {
+    check_ident("id", id, true)
+}
+
 impl<S: OrgStore> OrgResolver<S> {
     /// A resolver over `cache` and the app's `store`: contexts fresh for 300 s, unknown
     /// orgs cached for 30 s, no fail-safe, store calls bounded to 10 s.

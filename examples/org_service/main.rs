@@ -1,0 +1,98 @@
+//! A small multi-tenant web service on cachet and axum: org contexts resolved by the org
+//! middleware, cached in memory or in Redis behind a per-instance L1, invalidated on every
+//! instance when an org changes.
+//!
+//! ```text
+//! cargo run --example org_service --features axum                  # in-memory cache
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example org_service --features axum
+//! ```
+//!
+//! Settings (environment):
+//! - `REDIS_URL`: Redis through a `TieredCacheService` (an L1 per instance, invalidated over
+//!   pub/sub); unset: the in-memory `MokaCacheService`.
+//! - `ORG_STORE_DIR`: the org store, one `<slug>.json` per org (default `./org-store`,
+//!   created if missing).
+//! - `STORE_DELAY_MS`: an artificial delay on every store load (default 0).
+//! - `BIND`: the listening address (default `127.0.0.1:3000`).
+//!
+//! Endpoints:
+//! - `PUT /orgs/{slug}` with `{"id": "1", "name": "Acme", "plan": "pro", "api_secret": "..."}`
+//!   writes the org's file, then invalidates its cache keys on every instance.
+//! - `GET /orgs/{slug}`: the org (without its secret), through the org middleware: 404 for an
+//!   unknown org, 503 when the store fails with nothing cached, `x-org-stale: true` when the
+//!   last known org is served because the store fails.
+//! - `GET /stats`: store loads by this instance, and (tiered) invalidations applied.
+//!
+//! ```text
+//! curl -X PUT localhost:3000/orgs/acme -H 'content-type: application/json' \
+//!      -d '{"id":"1","name":"Acme","plan":"pro","api_secret":"s3cr3t"}'
+//! curl localhost:3000/orgs/acme
+//! curl localhost:3000/stats
+//! ```
+
+mod app;
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("org_service: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name)
+        .ok()
+        .filter(|value| !value.trim().is_empty())
+}
+
+fn settings_from_env() -> Result<app::Settings, String> {
+    let store_delay = match var("STORE_DELAY_MS") {
+        None => Duration::ZERO,
+        Some(text) => Duration::from_millis(text.trim().parse().map_err(|e| {
+            format!("STORE_DELAY_MS must be a number of milliseconds, got {text:?}: {e}")
+        })?),
+    };
+    Ok(app::Settings {
+        redis_url: var("REDIS_URL"),
+        store_dir: PathBuf::from(var("ORG_STORE_DIR").unwrap_or_else(|| "org-store".to_owned())),
+        store_delay,
+        channel_prefix: None,
+    })
+}
+
+async fn run() -> Result<(), Box<dyn Error>> {
+    let settings = settings_from_env()?;
+    let bind = var("BIND").unwrap_or_else(|| "127.0.0.1:3000".to_owned());
+    let state = app::build_state(&settings).await?;
+    let listener = tokio::net::TcpListener::bind(&bind)
+        .await
+        .map_err(|e| format!("cannot listen on {bind}: {e}"))?;
+    let address = listener.local_addr()?;
+    println!("org_service listening on http://{address}");
+    println!(
+        "cache: {}; org store: {} (delay {:?})",
+        if state.tiered.is_some() {
+            "Redis with an in-memory L1 (REDIS_URL)"
+        } else {
+            "in memory"
+        },
+        settings.store_dir.display(),
+        settings.store_delay,
+    );
+    axum::serve(listener, app::app(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .map_err(|e| format!("server on {address} failed: {e}"))?;
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! The org_service example, end to end: two instances of the same code as
+//! `cargo run --example org_service`, each with its own `TieredCacheService` (its own L1 and
+//! subscriber) and its own HTTP listener, on one real Redis and one store directory, driven
+//! over real HTTP/1.1 (a raw request on a TCP stream, `Connection: close`).
+//!
+//! No fixed sleeps: a test waits on an instance's invalidation counter before it checks what
+//! that instance serves. The timeouts below only bound hangs.
+
+mod support;
+
+// The example's binary uses all of it; each test here some.
+#[allow(dead_code)]
+#[path = "../examples/org_service/app.rs"]
+mod app;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::RedisServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Barrier;
+use tokio::task::JoinHandle;
+
+/// Bounds one HTTP exchange (a hang, not a speed).
+const REQUEST_BOUND: Duration = Duration::from_secs(30);
+/// Bounds the delivery of an invalidation to another instance.
+const DELIVERY: Duration = Duration::from_secs(10);
+
+/// One running instance: its state (for its counters) and its HTTP server task.
+struct Instance {
+    addr: SocketAddr,
+    state: app::AppState,
+    server: JoinHandle<()>,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl Instance {
+    async fn start(settings: &app::Settings) -> Instance {
+        let state = app::build_state(settings)
+            .await
+            .expect("the instance starts");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = app::app(state.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, router)
+                .await
+                .expect("the server runs");
+        });
+        Instance {
+            addr,
+            state,
+            server,
+        }
+    }
+
+    fn store_loads(&self) -> u64 {
+        self.state.resolver.store().loads()
+    }
+
+    fn tiered(&self) -> &cachet::TieredCacheService {
+        self.state.tiered.as_ref().expect("a tiered backend")
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        http(self.addr, "GET", path, None).await
+    }
+
+    async fn put_org(&self, slug: &str, id: &str, name: &str, secret: &str) -> Reply {
+        let body = serde_json::json!({
+            "id": id, "name": name, "plan": "pro", "api_secret": secret,
+        })
+        .to_string();
+        http(self.addr, "PUT", &format!("/orgs/{slug}"), Some(&body)).await
+    }
+
+    async fn stats(&self) -> app::Stats {
+        let reply = self.get("/stats").await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        serde_json::from_str(&reply.body).unwrap()
+    }
+}
+
+/// One Redis, one store directory, two instances.
+struct Deployment {
+    _redis: RedisServer,
+    store: tempfile::TempDir,
+    a: Instance,
+    b: Instance,
+}
+
+impl Deployment {
+    async fn start(store_delay: Duration) -> Deployment {
+        let redis = RedisServer::start();
+        let store = tempfile::tempdir().unwrap();
+        let settings = app::Settings {
+            redis_url: Some(redis.url()),
+            store_dir: store.path().to_owned(),
+            store_delay,
+            // Each deployment has its own Redis; a channel of its own all the same.
+            channel_prefix: Some(format!("org-service-{}:", redis.port())),
+        };
+        let a = Instance::start(&settings).await;
+        let b = Instance::start(&settings).await;
+        assert_eq!(a.stats().await.backend, "tiered");
+        Deployment {
+            _redis: redis,
+            store,
+            a,
+            b,
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.store.path()
+    }
+}
+
+/// Writes an org file the way an operator (or another tool) would, behind the service's back.
+fn write_org_file(dir: &Path, org: &app::OrgContext) {
+    let path: PathBuf = dir.join(format!("{}.json", org.slug));
+    std::fs::write(path, serde_json::to_vec(org).unwrap()).unwrap();
+}
+
+struct Reply {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Reply {
+    fn view(&self) -> app::OrgView {
+        assert_eq!(self.status, 200, "{}\n{}", self.head, self.body);
+        serde_json::from_str(&self.body).unwrap()
+    }
+}
+
+/// One HTTP/1.1 exchange on a fresh connection.
+async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(REQUEST_BOUND, exchange)
+        .await
+        .unwrap_or_else(|_| panic!("{method} {path}: no answer within {REQUEST_BOUND:?}"))
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a complete response");
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "this client reads sized bodies only:\n{head}"
+    );
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .expect("a status line");
+    Reply {
+        status,
+        head: head.to_owned(),
+        body: body.to_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_through_one_instance_is_served_by_the_other_once_delivered() {
+    let deployment = Deployment::start(Duration::ZERO).await;
+    let (a, b) = (&deployment.a, &deployment.b);
+
+    assert_eq!(
+        a.put_org("acme", "1", "Acme v1", "secret-1").await.status,
+        200
+    );
+    // Read on B first, then A: B's load writes to the cache and tells A; A then reads what B
+    // cached and publishes nothing. From here on, only A's PUTs reach B's counter.
+    assert_eq!(b.get("/orgs/acme").await.view().name, "Acme v1");
+    assert_eq!(a.get("/orgs/acme").await.view().name, "Acme v1");
+    assert_eq!(b.get("/orgs/acme").await.view().name, "Acme v1"); // now from B's L1
+    assert_eq!(
+        b.store_loads() + a.store_loads(),
+        1,
+        "one load for both instances"
+    );
+
+    for round in 2..=6 {
+        let name = format!("Acme v{round}");
+        let before = b.tiered().invalidations_applied();
+        let put = a
+            .put_org("acme", "1", &name, &format!("secret-{round}"))
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        // invalidate_org removes two keys (org:acme and org:id:1): two messages to B.
+        assert!(
+            b.tiered()
+                .wait_for_invalidations(before + 2, DELIVERY)
+                .await,
+            "B heard A's invalidation"
+        );
+        assert!(b.stats().await.invalidations_applied >= Some(before + 2));
+        // Once delivered, B never serves the old org.
+        for _ in 0..3 {
+            let view = b.get("/orgs/acme").await.view();
+            assert_eq!(view.name, name, "round {round}");
+            assert!(!view.stale);
+        }
+        assert_eq!(a.get("/orgs/acme").await.view().name, name);
+    }
+    let body = b.get("/orgs/acme").await.body;
+    assert!(
+        !body.contains("secret"),
+        "the secret is never served: {body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_requests_reach_the_store_at_most_once_per_instance() {
+    const PER_INSTANCE: usize = 200;
+    // Long enough for the requests to overlap the first load.
+    let deployment = Deployment::start(Duration::from_millis(200)).await;
+    let org = app::OrgContext {
+        id: "7".into(),
+        slug: "globex".into(),
+        name: "Globex".into(),
+        plan: "enterprise".into(),
+        api_secret: "hunter2".into(),
+    };
+    write_org_file(deployment.dir(), &org);
+
+    let start = Arc::new(Barrier::new(2 * PER_INSTANCE));
+    let mut requests = Vec::new();
+    for addr in [deployment.a.addr, deployment.b.addr] {
+        for _ in 0..PER_INSTANCE {
+            let start = Arc::clone(&start);
+            requests.push(tokio::spawn(async move {
+                start.wait().await;
+                http(addr, "GET", "/orgs/globex", None).await
+            }));
+        }
+    }
+    for request in requests {
+        let reply = request.await.unwrap();
+        let view = reply.view();
+        assert_eq!((view.id.as_str(), view.slug.as_str()), ("7", "globex"));
+        assert_eq!(
+            (view.name.as_str(), view.plan.as_str()),
+            ("Globex", "enterprise")
+        );
+    }
+    let (a_loads, b_loads) = (deployment.a.store_loads(), deployment.b.store_loads());
+    eprintln!(
+        "{PER_INSTANCE} concurrent first requests per instance: store loads A={a_loads} B={b_loads}"
+    );
+    assert!(a_loads <= 1 && b_loads <= 1, "A={a_loads} B={b_loads}");
+    assert!(a_loads + b_loads >= 1);
+    assert_eq!(deployment.a.stats().await.store_loads, a_loads);
+    assert_eq!(deployment.b.stats().await.store_loads, b_loads);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_org_is_404_and_a_failing_store_with_nothing_cached_is_503() {
+    let deployment = Deployment::start(Duration::ZERO).await;
+    let (a, b) = (&deployment.a, &deployment.b);
+
+    for instance in [a, b] {
+        let reply = instance.get("/orgs/nobody").await;
+        assert_eq!(reply.status, 404, "{}", reply.body);
+        assert_eq!(reply.body, "org not found\n");
+        // A malformed slug never reaches the store.
+        assert_eq!(instance.get("/orgs/no%20body").await.status, 404);
+    }
+
+    // A corrupt org file: the store fails, and nothing is cached for this org.
+    std::fs::write(deployment.dir().join("broken.json"), b"{\"id\": 3, oops").unwrap();
+    for instance in [a, b] {
+        let reply = instance.get("/orgs/broken").await;
+        assert_eq!(reply.status, 503, "{}", reply.body);
+        assert_eq!(reply.body, "org service temporarily unavailable\n");
+        assert!(!reply.head.contains("broken.json") && !reply.body.contains("json"));
+    }
+
+    // An org served before the store goes away stays served from the cache; one never
+    // loaded is a 503, not a 404: a missing store is a failure, not "no such org".
+    assert_eq!(a.put_org("acme", "1", "Acme", "s").await.status, 200);
+    assert_eq!(a.get("/orgs/acme").await.view().name, "Acme");
+    std::fs::remove_dir_all(deployment.dir()).unwrap();
+    assert_eq!(a.get("/orgs/acme").await.view().name, "Acme");
+    assert_eq!(b.get("/orgs/acme").await.view().name, "Acme"); // from Redis
+    for instance in [a, b] {
+        assert_eq!(instance.get("/orgs/initech").await.status, 503);
+    }
+
+    // Failures are not cached: once the store is back, the org is served.
+    std::fs::create_dir_all(deployment.dir()).unwrap();
+    write_org_file(
+        deployment.dir(),
+        &app::OrgContext {
+            id: "9".into(),
+            slug: "initech".into(),
+            name: "Initech".into(),
+            plan: "free".into(),
+            api_secret: "x".into(),
+        },
+    );
+    assert_eq!(a.get("/orgs/initech").await.view().name, "Initech");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_one_instance_runs_on_the_in_memory_cache() {
+    let store = tempfile::tempdir().unwrap();
+    let instance = Instance::start(&app::Settings {
+        redis_url: None,
+        store_dir: store.path().join("created-if-missing"),
+        store_delay: Duration::ZERO,
+        channel_prefix: None,
+    })
+    .await;
+    let stats = instance.stats().await;
+    assert_eq!(
+        (stats.backend.as_str(), stats.invalidations_applied),
+        ("memory", None)
+    );
+
+    assert_eq!(instance.get("/orgs/acme").await.status, 404);
+    assert_eq!(instance.put_org("acme", "1", "Acme", "s").await.status, 200);
+    assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme"); // "not found" was dropped
+    assert_eq!(
+        instance.put_org("acme", "1", "Acme 2", "s").await.status,
+        200
+    );
+    assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme 2");
+    assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme 2");
+    assert_eq!(instance.stats().await.store_loads, 3);
+    // A slug that cannot name a file is refused, not written.
+    assert_eq!(
+        instance.put_org("..%2Fescape", "1", "x", "s").await.status,
+        400
+    );
+}
