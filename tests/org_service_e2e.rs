@@ -91,7 +91,7 @@ impl Instance {
 
 /// One Redis, one store directory, two instances.
 struct Deployment {
-    _redis: RedisServer,
+    redis: RedisServer,
     store: tempfile::TempDir,
     a: Instance,
     b: Instance,
@@ -107,16 +107,12 @@ impl Deployment {
             store_delay,
             // Each deployment has its own Redis; a channel of its own all the same.
             channel_prefix: Some(format!("org-service-{}:", redis.port())),
+            encryption_key: Some(cachet::EncryptionKey::from([9u8; 32])),
         };
         let a = Instance::start(&settings).await;
         let b = Instance::start(&settings).await;
         assert_eq!(a.stats().await.backend, "tiered");
-        Deployment {
-            _redis: redis,
-            store,
-            a,
-            b,
-        }
+        Deployment { redis, store, a, b }
     }
 
     fn dir(&self) -> &Path {
@@ -272,6 +268,21 @@ async fn concurrent_first_requests_reach_the_store_at_most_once_per_instance() {
     );
     assert!(a_loads <= 1 && b_loads <= 1, "A={a_loads} B={b_loads}");
     assert!(a_loads + b_loads >= 1);
+
+    // Redis holds the org under both keys, encrypted: the secret is in no value.
+    let keys = deployment.redis.request(&["KEYS", "*"]).unwrap();
+    let names: Vec<String> = keys.items().iter().map(|k| k.to_text()).collect();
+    assert!(names.iter().any(|k| k == "org:globex"), "{names:?}");
+    assert!(names.iter().any(|k| k == "org:id:7"), "{names:?}");
+    for name in &names {
+        if let support::Resp::Bulk(Some(value)) = deployment.redis.request(&["GET", name]).unwrap()
+        {
+            assert!(
+                !value.windows(7).any(|w| w == b"hunter2"),
+                "the org secret in plaintext under {name}"
+            );
+        }
+    }
     assert_eq!(deployment.a.stats().await.store_loads, a_loads);
     assert_eq!(deployment.b.stats().await.store_loads, b_loads);
 }
@@ -332,6 +343,7 @@ async fn without_redis_one_instance_runs_on_the_in_memory_cache() {
         store_dir: store.path().join("created-if-missing"),
         store_delay: Duration::ZERO,
         channel_prefix: None,
+        encryption_key: None,
     })
     .await;
     let stats = instance.stats().await;

@@ -17,7 +17,8 @@ use axum::{Extension, Json, Router};
 use cachet::middleware::{OrgLayer, OrgSource, ResolvedOrg};
 use cachet::org::{OrgIdentity, OrgStore};
 use cachet::{
-    CacheError, CacheService, MokaCacheService, OrgResolver, RedisCacheService, TieredCacheService,
+    CacheError, CacheService, EncryptedCacheService, EncryptionKey, EncryptionKeys,
+    MokaCacheService, OrgResolver, RedisCacheService, TieredCacheService,
 };
 use serde::{Deserialize, Serialize};
 
@@ -34,6 +35,10 @@ pub struct Settings {
     /// The invalidation channel prefix (`None`: the library's default). Instances that must
     /// hear each other use the same one.
     pub channel_prefix: Option<String>,
+    /// The key that encrypts what goes to Redis (AES-256-GCM, see
+    /// `cachet::EncryptedCacheService`); required with Redis, since org contexts hold
+    /// secrets. Every instance uses the same one.
+    pub encryption_key: Option<EncryptionKey>,
 }
 
 /// What the service caches per org. It holds a secret: what goes to a shared Redis is to
@@ -246,9 +251,10 @@ impl OrgStore for FileOrgStore {
     }
 }
 
-/// Builds the cache: a [`TieredCacheService`] over Redis when a URL is set, the in-memory
-/// [`MokaCacheService`] otherwise. Returns the cache the app uses and, for the tiered
-/// backend, its handle (for its invalidation counter).
+/// Builds the cache: a [`TieredCacheService`] over Redis when a URL is set, encrypted with
+/// `settings.encryption_key` (key id 1), the in-memory [`MokaCacheService`] otherwise.
+/// Returns the cache the app uses and, for the tiered backend, its handle (for its
+/// invalidation counter).
 pub async fn build_cache(
     settings: &Settings,
 ) -> Result<(Arc<dyn CacheService>, Option<TieredCacheService>), CacheError> {
@@ -258,17 +264,22 @@ pub async fn build_cache(
             if let Some(prefix) = &settings.channel_prefix {
                 builder = builder.channel_prefix(prefix);
             }
+            // Org contexts hold `api_secret`: nothing goes to the shared Redis unencrypted.
+            let Some(key) = settings.encryption_key.clone() else {
+                return Err(CacheError::config(
+                    "with REDIS_URL, CACHE_ENCRYPTION_KEY is required (64 hex digits or the \
+                     base64 of 32 bytes, e.g. from `openssl rand -base64 32`), the same on \
+                     every instance",
+                    None,
+                ));
+            };
             let tiered = builder.build().await?;
-            (Arc::new(tiered.clone()), Some(tiered))
+            let keys = EncryptionKeys::new(1, key);
+            let encrypted = EncryptedCacheService::new(tiered.clone(), keys);
+            (Arc::new(encrypted), Some(tiered))
         }
         None => (Arc::new(MokaCacheService::default()), None),
     };
-    // ==================== ENCRYPTION GOES HERE ====================
-    // The org contexts hold `api_secret`. Wrap `cache` in the encryption decorator at this
-    // point, and only here (`let cache = Arc::new(<decorator>::new(cache, keys))`): every
-    // read and write below goes through the `cache` returned, and the `tiered` handle is
-    // only read for its counters.
-    // ===============================================================
     Ok((cache, tiered))
 }
 

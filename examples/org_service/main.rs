@@ -4,12 +4,16 @@
 //!
 //! ```text
 //! cargo run --example org_service --features axum                  # in-memory cache
+//! export CACHE_ENCRYPTION_KEY="$(openssl rand -base64 32)"
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example org_service --features axum
 //! ```
 //!
 //! Settings (environment):
 //! - `REDIS_URL`: Redis through a `TieredCacheService` (an L1 per instance, invalidated over
 //!   pub/sub); unset: the in-memory `MokaCacheService`.
+//! - `CACHE_ENCRYPTION_KEY` (required with `REDIS_URL`; the same on every instance): 64 hex
+//!   digits or the base64 of 32 bytes (`openssl rand -base64 32`). Org contexts hold
+//!   secrets, so what goes to Redis is encrypted (`EncryptedCacheService`, AES-256-GCM).
 //! - `ORG_STORE_DIR`: the org store, one `<slug>.json` per org (default `./org-store`,
 //!   created if missing).
 //! - `STORE_DELAY_MS`: an artificial delay on every store load (default 0).
@@ -66,6 +70,10 @@ fn settings_from_env() -> Result<app::Settings, String> {
         store_dir: PathBuf::from(var("ORG_STORE_DIR").unwrap_or_else(|| "org-store".to_owned())),
         store_delay,
         channel_prefix: None,
+        encryption_key: var("CACHE_ENCRYPTION_KEY")
+            .map(|text| cachet::EncryptionKey::parse(&text))
+            .transpose()
+            .map_err(|e| format!("CACHE_ENCRYPTION_KEY: {e}"))?,
     })
 }
 
