@@ -27,8 +27,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 const KEYS: usize = 4_000;
 
-fn key(i: usize) -> String {
-    format!("bench:load:{i}")
+fn key(backend: &str, i: usize) -> String {
+    format!("bench:load:{backend}:{i}")
 }
 
 fn benches(c: &mut Criterion) {
@@ -46,15 +46,16 @@ fn benches(c: &mut Criterion) {
         );
         let redis: Arc<dyn CacheService> =
             Arc::new(RedisCacheService::new(&url, 300).await.unwrap());
-        for cache in [&moka, &tiered, &redis] {
+        let backends = vec![("moka", moka), ("tiered L1", tiered), ("redis", redis)];
+        for (backend, cache) in &backends {
             for i in 0..KEYS {
                 cache
-                    .set(&key(i), &OrgContext::sample(i as u64), None)
+                    .set(&key(backend, i), &OrgContext::sample(i as u64), None)
                     .await
                     .unwrap();
             }
         }
-        vec![("moka", moka), ("tiered L1", tiered), ("redis", redis)]
+        backends
     });
 
     for (backend, cache) in &backends {
@@ -63,7 +64,7 @@ fn benches(c: &mut Criterion) {
         group.bench_function("get", |bench| {
             bench.to_async(&rt).iter(|| {
                 i = (i + 1) % KEYS;
-                let key = key(i);
+                let key = key(backend, i);
                 async move { black_box(cache.get::<OrgContext>(&key).await.unwrap().unwrap()) }
             })
         });
@@ -71,7 +72,7 @@ fn benches(c: &mut Criterion) {
         group.bench_function("get_or_load", |bench| {
             bench.to_async(&rt).iter(|| {
                 i = (i + 1) % KEYS;
-                let key = key(i);
+                let key = key(backend, i);
                 async move {
                     let hit = cache
                         .get_or_load::<OrgContext, std::io::Error, _, _>(&key, None, || async {

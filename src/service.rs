@@ -216,24 +216,29 @@ pub trait CacheServiceExt: CacheService {
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<T, E>> + Send,
     {
-        // The in-memory fast path, as in `get`: a hit costs no boxed future.
+        // The in-memory fast path, as in `get`: a hit is decoded at once and costs no boxed
+        // future. The miss path is boxed, so that this future stays small.
         let now = self.get_bytes_now(key);
+        let valid_ttl = ttl_secs.is_none_or(|secs| (1..=MAX_TTL_SECS).contains(&secs));
+        let hit = match &now {
+            Some(Ok(Some(stored))) if valid_ttl && !Frame::is_framed(stored) => {
+                codec::decode(key, stored).ok()
+            }
+            _ => None,
+        };
         async move {
-            if let Some(Ok(Some(stored))) = &now {
-                if !Frame::is_framed(stored) {
-                    if let Ok(value) = codec::decode(key, stored) {
-                        return Ok(value);
-                    }
-                }
+            if let Some(value) = hit {
+                return Ok(value);
             }
             let mut options = LoadOptions::default();
             if let Some(ttl) = ttl_secs {
                 options = options.ttl_secs(ttl);
             }
-            let loaded = load::load(self, key, &options, now, || async move {
-                loader().await.map(|value| Some((value, LoadTtl::Options)))
-            })
-            .await?;
+            let miss: BoxFuture<'_, Result<Loaded<T>, LoadError<E>>> =
+                Box::pin(load::load(self, key, &options, now, || async move {
+                    loader().await.map(|value| Some((value, LoadTtl::Options)))
+                }));
+            let loaded = miss.await?;
             loaded.value.ok_or_else(|| {
                 // Only when a concurrent `get_or_load_with` with negative caching led the
                 // load and found nothing.
@@ -289,12 +294,24 @@ pub trait CacheServiceExt: CacheService {
         F: FnOnce() -> Fut + Send,
         Fut: Future<Output = Result<Option<T>, E>> + Send,
     {
+        // As in `get_or_load`: a fresh in-memory hit is answered at once, the rest boxed.
         let now = self.get_bytes_now(key);
-        load::load(self, key, options, now, || async move {
-            loader()
-                .await
-                .map(|found| found.map(|value| (value, LoadTtl::Options)))
-        })
+        let hit = match options.check(key) {
+            Ok(()) => load::fresh_hit::<T>(key, options, &now),
+            Err(_) => None, // reported by the slow path
+        };
+        async move {
+            if let Some(loaded) = hit {
+                return Ok(loaded);
+            }
+            let miss: BoxFuture<'_, Result<Loaded<T>, LoadError<E>>> =
+                Box::pin(load::load(self, key, options, now, || async move {
+                    loader()
+                        .await
+                        .map(|found| found.map(|value| (value, LoadTtl::Options)))
+                }));
+            miss.await
+        }
     }
 
     /// Encodes `value` and stores it under `key` (see [`CacheService::set_bytes`] for

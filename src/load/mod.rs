@@ -144,6 +144,33 @@ impl LoadOptions {
         self.locks.is_some()
     }
 
+    /// Checks the options for a call on `key`: TTLs within `1..=MAX_TTL_SECS`, and an
+    /// explicit TTL when fail-safe is on; else [`CacheError::InvalidArgument`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cachet::LoadOptions;
+    ///
+    /// assert!(LoadOptions::default().ttl_secs(60).check("k").is_ok());
+    /// assert!(LoadOptions::default().ttl_secs(0).check("k").is_err());
+    /// assert!(LoadOptions::default().fail_safe(Duration::from_secs(60)).check("k").is_err());
+    /// ```
+    pub fn check(&self, key: &str) -> Result<(), CacheError> {
+        if self.fail_safe.is_some() && self.ttl_secs.is_none() {
+            return Err(CacheError::invalid_argument(
+                key,
+                "fail-safe needs an explicit TTL (LoadOptions::ttl_secs)",
+            ));
+        }
+        if let Some(ttl) = self.ttl_secs {
+            resolve_ttl(key, Some(ttl), Duration::ZERO)?;
+        }
+        if let Some(ttl) = self.negative_ttl_secs {
+            resolve_ttl(key, Some(ttl), Duration::ZERO)?;
+        }
+        Ok(())
+    }
+
     /// The fresh TTL, when set.
     pub fn ttl(&self) -> Option<u64> {
         self.ttl_secs
@@ -353,6 +380,28 @@ fn classify<T: DeserializeOwned>(
     }
 }
 
+/// A fresh hit in a read already made (the in-memory fast path), without touching the
+/// flight table; `None` for anything else (a miss, a stale value, an error, no read).
+pub(crate) fn fresh_hit<T: DeserializeOwned>(
+    key: &str,
+    options: &LoadOptions,
+    first_read: &Option<Result<Option<Bytes>, CacheError>>,
+) -> Option<Loaded<T>> {
+    let Some(Ok(Some(stored))) = first_read else {
+        return None;
+    };
+    let mut ignored = None;
+    match classify::<T>(key, Ok(Some(stored.clone())), options, &mut ignored) {
+        Read::Hit(value, _, stale) => Some(Loaded {
+            value,
+            source: cached_source(stale),
+            cache_error: None,
+            written: None,
+        }),
+        Read::Miss { .. } => None,
+    }
+}
+
 fn cached_source(stale: bool) -> LoadSource {
     if stale {
         LoadSource::Stale
@@ -381,18 +430,7 @@ where
     F: FnOnce() -> Fut + Send,
     Fut: Future<Output = Result<Option<(T, LoadTtl)>, E>> + Send,
 {
-    if options.fail_safe.is_some() && options.ttl_secs.is_none() {
-        return Err(LoadError::Cache(CacheError::invalid_argument(
-            key,
-            "fail-safe needs an explicit TTL (LoadOptions::ttl_secs)",
-        )));
-    }
-    if let Some(ttl) = options.ttl_secs {
-        resolve_ttl(key, Some(ttl), Duration::ZERO)?;
-    }
-    if let Some(ttl) = options.negative_ttl_secs {
-        resolve_ttl(key, Some(ttl), Duration::ZERO)?;
-    }
+    options.check(key)?;
 
     let mut cache_error = None;
     let read = match first_read {
