@@ -40,6 +40,8 @@ fn benches(c: &mut Criterion) {
         let tiered: Arc<dyn CacheService> = Arc::new(
             TieredCacheService::builder(RedisCacheService::builder(url.clone()))
                 .channel_prefix("bench-load:")
+                // Long enough that no L1 entry expires during the run.
+                .l1_max_ttl(Duration::from_secs(3600))
                 .build()
                 .await
                 .unwrap(),
@@ -50,7 +52,7 @@ fn benches(c: &mut Criterion) {
         for (backend, cache) in &backends {
             for i in 0..KEYS {
                 cache
-                    .set(&key(backend, i), &OrgContext::sample(i as u64), None)
+                    .set(&key(backend, i), &OrgContext::sample(i as u64), Some(3600))
                     .await
                     .unwrap();
             }
