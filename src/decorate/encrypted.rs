@@ -35,14 +35,42 @@ use zeroize::Zeroizing;
 use crate::{CacheError, CacheService};
 
 /// The magic bytes at the start of every encrypted value.
+///
+/// ```
+/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v")?;
+/// assert!(sealed.starts_with(cachet::decorate::encrypted::MAGIC));
+/// # Ok::<(), cachet::CacheError>(())
+/// ```
 pub const MAGIC: &[u8; 2] = b"CS";
 /// The envelope version this code writes and reads.
+///
+/// ```
+/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v")?;
+/// assert_eq!(sealed[2], cachet::decorate::encrypted::VERSION);
+/// # Ok::<(), cachet::CacheError>(())
+/// ```
 pub const VERSION: u8 = 1;
 /// Length of the random nonce, in bytes (96 bits).
+///
+/// ```
+/// assert_eq!(cachet::decorate::encrypted::NONCE_LEN * 8, 96);
+/// ```
 pub const NONCE_LEN: usize = 12;
 /// Length of the authentication tag, in bytes (128 bits).
+///
+/// ```
+/// use cachet::decorate::encrypted::{HEADER_LEN, TAG_LEN};
+///
+/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"")?;
+/// assert_eq!(sealed.len(), HEADER_LEN + TAG_LEN); // an empty value
+/// # Ok::<(), cachet::CacheError>(())
+/// ```
 pub const TAG_LEN: usize = 16;
 /// Bytes before the ciphertext: magic, version, key id, nonce.
+///
+/// ```
+/// assert_eq!(cachet::decorate::encrypted::HEADER_LEN, 2 + 1 + 4 + 12);
+/// ```
 pub const HEADER_LEN: usize = 2 + 1 + 4 + NONCE_LEN;
 
 /// One 256-bit AES key. Its `Debug` never shows the key, and its bytes are zeroed on drop.
@@ -62,7 +90,7 @@ pub const HEADER_LEN: usize = 2 + 1 + 4 + NONCE_LEN;
 /// assert!(EncryptionKey::parse("not a key").is_err());
 /// # Ok::<(), cachet::CacheError>(())
 /// ```
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct EncryptionKey(Zeroizing<[u8; 32]>);
 
 impl EncryptionKey {
@@ -138,6 +166,21 @@ impl From<[u8; 32]> for EncryptionKey {
         EncryptionKey(Zeroizing::new(bytes))
     }
 }
+
+/// Compares every byte, whatever the first difference, so the time taken says nothing about
+/// where two keys differ.
+impl PartialEq for EncryptionKey {
+    fn eq(&self, other: &Self) -> bool {
+        let diff = self
+            .0
+            .iter()
+            .zip(other.0.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        std::hint::black_box(diff) == 0
+    }
+}
+
+impl Eq for EncryptionKey {}
 
 impl fmt::Debug for EncryptionKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -453,16 +496,36 @@ impl EncryptedEnvelope {
     }
 
     /// The id of the key that encrypted the value.
+    ///
+    /// ```
+    /// let sealed = cachet::EncryptionKeys::new(7, [0u8; 32]).encrypt("k", b"v")?;
+    /// assert_eq!(cachet::EncryptedEnvelope::parse("k", &sealed)?.key_id(), 7);
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
     pub fn key_id(&self) -> u32 {
         self.key_id
     }
 
     /// The nonce the value was encrypted with.
+    ///
+    /// ```
+    /// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v")?;
+    /// let envelope = cachet::EncryptedEnvelope::parse("k", &sealed)?;
+    /// assert_eq!(&sealed[7..19], envelope.nonce());
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
     pub fn nonce(&self) -> &[u8; NONCE_LEN] {
         &self.nonce
     }
 
     /// The ciphertext followed by the 16-byte tag.
+    ///
+    /// ```
+    /// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"value")?;
+    /// let envelope = cachet::EncryptedEnvelope::parse("k", &sealed)?;
+    /// assert_eq!(envelope.ciphertext().len(), 5 + 16);
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
     pub fn ciphertext(&self) -> &Bytes {
         &self.ciphertext
     }

@@ -10,6 +10,12 @@ use crate::{CacheError, CacheService};
 
 /// The character between a namespace and a key in the stored name. A namespace may not
 /// contain it.
+///
+/// ```
+/// let cache = cachet::NamespacedCacheService::new(cachet::MokaCacheService::default(), "acme")?;
+/// assert_eq!(cache.stored_key("k"), format!("acme{}k", cachet::decorate::namespaced::SEPARATOR));
+/// # Ok::<(), cachet::CacheError>(())
+/// ```
 pub const SEPARATOR: char = ':';
 
 /// Puts every key of the wrapped [`CacheService`] (`Arc<dyn CacheService>` too) under a
