@@ -171,22 +171,14 @@ pub type OrgError<E> = LoadError<E>;
 pub struct OrgResolver<S> {
     cache: Arc<dyn CacheService>,
     store: S,
-    ttl_secs: u64,
-    negative_ttl_secs: Option<u64>,
-    fail_safe: Option<Duration>,
-    load_timeout: Duration,
-    locks: Option<Arc<dyn ConcurrencyService>>,
+    options: LoadOptions,
 }
 
 impl<S> fmt::Debug for OrgResolver<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OrgResolver")
             .field("cache", &self.cache)
-            .field("ttl_secs", &self.ttl_secs)
-            .field("negative_ttl_secs", &self.negative_ttl_secs)
-            .field("fail_safe", &self.fail_safe)
-            .field("load_timeout", &self.load_timeout)
-            .field("distributed_single_flight", &self.locks.is_some())
+            .field("options", &self.options)
             .finish_non_exhaustive()
     }
 }
@@ -277,45 +269,69 @@ impl<S: OrgStore> OrgResolver<S> {
         OrgResolver {
             cache,
             store,
-            ttl_secs: DEFAULT_ORG_TTL_SECS,
-            negative_ttl_secs: Some(DEFAULT_ORG_NEGATIVE_TTL_SECS),
-            fail_safe: None,
-            load_timeout: DEFAULT_ORG_LOAD_TIMEOUT,
-            locks: None,
+            options: LoadOptions::default()
+                .ttl_secs(DEFAULT_ORG_TTL_SECS)
+                .negative_ttl_secs(DEFAULT_ORG_NEGATIVE_TTL_SECS)
+                .load_timeout(DEFAULT_ORG_LOAD_TIMEOUT),
         }
     }
 
     /// How long a context is fresh, in seconds (at least 1).
-    pub fn ttl_secs(mut self, secs: u64) -> Self {
-        self.ttl_secs = secs;
-        self
+    pub fn ttl_secs(self, secs: u64) -> Self {
+        self.with_options(|o| o.ttl_secs(secs))
     }
 
     /// How long "no such org" is cached (`None`: not cached).
-    pub fn negative_ttl_secs(mut self, secs: Option<u64>) -> Self {
-        self.negative_ttl_secs = secs;
-        self
+    pub fn negative_ttl_secs(self, secs: Option<u64>) -> Self {
+        self.with_options(|o| match secs {
+            Some(secs) => o.negative_ttl_secs(secs),
+            None => o.no_negative_caching(),
+        })
     }
 
     /// Serve the last known context for up to `grace` past its TTL when the store fails.
-    pub fn fail_safe(mut self, grace: Duration) -> Self {
-        self.fail_safe = Some(grace);
-        self
+    pub fn fail_safe(self, grace: Duration) -> Self {
+        self.with_options(|o| o.fail_safe(grace))
     }
 
     /// The longest one store call may take.
-    pub fn load_timeout(mut self, timeout: Duration) -> Self {
-        self.load_timeout = timeout;
-        self
+    pub fn load_timeout(self, timeout: Duration) -> Self {
+        self.with_options(|o| o.load_timeout(timeout))
     }
 
     /// Single flight across instances: concurrent misses of one org on many instances load
     /// it once in all, under a lock of `locks` (shared by the instances, e.g. a
     /// [`RedisConcurrencyService`](crate::RedisConcurrencyService) on the same Redis). See
     /// [`LoadOptions::distributed_single_flight`].
-    pub fn distributed_single_flight(mut self, locks: Arc<dyn ConcurrencyService>) -> Self {
-        self.locks = Some(locks);
+    pub fn distributed_single_flight(self, locks: Arc<dyn ConcurrencyService>) -> Self {
+        self.with_options(|o| o.distributed_single_flight(locks))
+    }
+
+    /// Any other change to how contexts are cached (the [`LoadOptions`] of every lookup).
+    ///
+    /// ```
+    /// # use cachet::org::{OrgIdentity, OrgStore};
+    /// # struct Db;
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Ctx;
+    /// # impl OrgIdentity for Ctx { fn org_slug(&self) -> &str { "" } fn org_id(&self) -> String { String::new() } }
+    /// # impl OrgStore for Db { type Context = Ctx; type Error = std::io::Error;
+    /// #   async fn load_by_slug(&self, _: &str) -> Result<Option<Ctx>, std::io::Error> { Ok(None) }
+    /// #   async fn load_by_id(&self, _: &str) -> Result<Option<Ctx>, std::io::Error> { Ok(None) } }
+    /// use std::{sync::Arc, time::Duration};
+    /// use cachet::{MokaCacheService, OrgResolver};
+    ///
+    /// let orgs = OrgResolver::new(Arc::new(MokaCacheService::default()), Db)
+    ///     .with_options(|o| o.fail_safe(Duration::from_secs(600)).fail_safe_throttle(Duration::from_secs(1)));
+    /// assert_eq!(orgs.options().fail_safe_grace(), Some(Duration::from_secs(600)));
+    /// ```
+    pub fn with_options(mut self, change: impl FnOnce(LoadOptions) -> LoadOptions) -> Self {
+        self.options = change(self.options);
         self
+    }
+
+    /// How contexts are cached.
+    pub fn options(&self) -> &LoadOptions {
+        &self.options
     }
 
     /// The app's store.
@@ -328,48 +344,18 @@ impl<S: OrgStore> OrgResolver<S> {
         &self.cache
     }
 
-    fn options(&self) -> LoadOptions {
-        let mut options = LoadOptions::default()
-            .ttl_secs(self.ttl_secs)
-            .load_timeout(self.load_timeout);
-        if let Some(secs) = self.negative_ttl_secs {
-            options = options.negative_ttl_secs(secs);
-        }
-        if let Some(grace) = self.fail_safe {
-            options = options.fail_safe(grace);
-        }
-        if let Some(locks) = &self.locks {
-            options = options.distributed_single_flight(Arc::clone(locks));
-        }
-        options
-    }
-
     /// The org with this slug: `Ok(None)` when the store has no such org.
     pub async fn by_slug(
         &self,
         slug: &str,
     ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>> {
-        check_ident("slug", slug, false)?;
-        let key = slug_key(slug);
-        let loaded = self
-            .cache
-            .get_or_load_with(&key, &self.options(), || self.store.load_by_slug(slug))
-            .await?;
-        if let (Some(context), Some((stored, ttl))) = (&loaded.value, &loaded.written) {
-            // Fill the other key with the same stored form. Best effort: a failure only
-            // costs a later load.
+        validate_slug(slug)?;
+        let other_key = |context: &S::Context| {
             let id = context.org_id();
-            if check_ident("id", &id, true).is_ok() {
-                let _ = self
-                    .cache
-                    .set_bytes(&id_key(&id), stored.clone(), *ttl)
-                    .await;
-            }
-        }
-        Ok(loaded.value.map(|context| Resolved {
-            context,
-            source: loaded.source,
-        }))
+            validate_id(&id).is_ok().then(|| id_key(&id))
+        };
+        self.resolve(slug_key(slug), other_key, || self.store.load_by_slug(slug))
+            .await
     }
 
     /// The org with this id: `Ok(None)` when the store has no such org.
@@ -377,19 +363,34 @@ impl<S: OrgStore> OrgResolver<S> {
         &self,
         id: &str,
     ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>> {
-        check_ident("id", id, true)?;
-        let key = id_key(id);
+        validate_id(id)?;
+        let other_key = |context: &S::Context| {
+            let slug = context.org_slug();
+            validate_slug(slug).is_ok().then(|| slug_key(slug))
+        };
+        self.resolve(id_key(id), other_key, || self.store.load_by_id(id))
+            .await
+    }
+
+    /// Loads `key` through the cache; a fresh load also fills the context's other key with
+    /// the same stored form (best effort: a failure only costs a later load).
+    async fn resolve<F, Fut>(
+        &self,
+        key: String,
+        other_key: impl Fn(&S::Context) -> Option<String>,
+        load: F,
+    ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<Option<S::Context>, S::Error>> + Send,
+    {
         let loaded = self
             .cache
-            .get_or_load_with(&key, &self.options(), || self.store.load_by_id(id))
+            .get_or_load_with(&key, &self.options, load)
             .await?;
         if let (Some(context), Some((stored, ttl))) = (&loaded.value, &loaded.written) {
-            let slug = context.org_slug();
-            if check_ident("slug", slug, false).is_ok() {
-                let _ = self
-                    .cache
-                    .set_bytes(&slug_key(slug), stored.clone(), *ttl)
-                    .await;
+            if let Some(other) = other_key(context) {
+                let _ = self.cache.set_bytes(&other, stored.clone(), *ttl).await;
             }
         }
         Ok(loaded.value.map(|context| Resolved {

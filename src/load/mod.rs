@@ -96,6 +96,12 @@ impl LoadOptions {
         self
     }
 
+    /// Stops caching "not found" (the default).
+    pub fn no_negative_caching(mut self) -> Self {
+        self.negative_ttl_secs = None;
+        self
+    }
+
     /// Keeps each value stored `grace` longer than its TTL, and serves it (marked
     /// [`LoadSource::Stale`]) when a reload fails or times out within that time.
     pub fn fail_safe(mut self, grace: Duration) -> Self {
