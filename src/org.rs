@@ -401,9 +401,15 @@ impl<S: OrgStore> OrgResolver<S> {
 
     /// Removes the org's context under both keys (through a tiered cache, on every
     /// instance). Call it after the org changed in the store.
+    ///
+    /// A load of either key running on this instance meanwhile is told, so that it does not
+    /// write the context from before the change back ([`crate::load::invalidate_in_flight`]).
     pub async fn invalidate_org(&self, slug: &str, id: &str) -> Result<(), CacheError> {
-        let slug_result = self.cache.invalidate(&slug_key(slug)).await;
-        let id_result = self.cache.invalidate(&id_key(id)).await;
+        let (slug_key, id_key) = (slug_key(slug), id_key(id));
+        crate::load::invalidate_in_flight(&*self.cache, &slug_key);
+        crate::load::invalidate_in_flight(&*self.cache, &id_key);
+        let slug_result = self.cache.invalidate(&slug_key).await;
+        let id_result = self.cache.invalidate(&id_key).await;
         slug_result.and(id_result)
     }
 }

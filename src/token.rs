@@ -224,7 +224,10 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
 
     /// Removes `token`'s entry (a logout, a revoked key).
     pub async fn invalidate(&self, token: &str) -> Result<(), CacheError> {
-        self.cache.invalidate(&token_key(token)).await
+        let key = token_key(token);
+        // A validation running meanwhile must not cache the token again.
+        crate::load::invalidate_in_flight(&*self.cache, &key);
+        self.cache.invalidate(&key).await
     }
 }
 

@@ -84,18 +84,20 @@ impl Db {
         &self,
         found: impl Fn(&OrgContext) -> bool,
     ) -> Result<Option<OrgContext>, DbDown> {
-        let delay = *self.delay.lock().unwrap();
-        tokio::time::sleep(delay).await;
-        if self.down.load(Ordering::SeqCst) {
-            return Err(DbDown);
-        }
-        Ok(self
+        // Like a query: the row is read at once, the answer arrives after the delay.
+        let row = self
             .orgs
             .lock()
             .unwrap()
             .values()
             .find(|o| found(o))
-            .cloned())
+            .cloned();
+        let delay = *self.delay.lock().unwrap();
+        tokio::time::sleep(delay).await;
+        if self.down.load(Ordering::SeqCst) {
+            return Err(DbDown);
+        }
+        Ok(row)
     }
 }
 
@@ -160,6 +162,7 @@ macro_rules! resolver_checks {
             a_failing_store_without_fail_safe_is_an_error,
             fail_safe_serves_the_last_context_within_its_grace,
             invalidate_org_clears_both_keys,
+            an_update_during_a_load_is_not_overwritten_by_it,
         );
     };
 }
@@ -287,6 +290,40 @@ async fn invalidate_org_clears_both_keys(cache: Arc<dyn CacheService>) {
         (fresh.source, fresh.context.plan.as_str()),
         (LoadSource::Loader, "enterprise")
     );
+}
+
+async fn an_update_during_a_load_is_not_overwritten_by_it(cache: Arc<dyn CacheService>) {
+    let db = acme_db();
+    *db.delay.lock().unwrap() = Duration::from_millis(300);
+    let orgs = Arc::new(OrgResolver::new(
+        Arc::clone(&cache),
+        SharedDb(Arc::clone(&db)),
+    ));
+    // A request starts loading acme; the store answers the old plan after 300 ms...
+    let slow = {
+        let orgs = Arc::clone(&orgs);
+        tokio::spawn(async move { orgs.by_slug("acme").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(db.loads(), 1, "the load is under way");
+    // ...while the org is updated and invalidated.
+    db.put("42", "acme", "enterprise");
+    orgs.invalidate_org("acme", "42").await.unwrap();
+    let old = slow.await.unwrap().unwrap().unwrap();
+    assert_eq!(
+        old.context.plan, "pro",
+        "the overtaken load still answers its request"
+    );
+    // The overtaken load's value was not cached under either key: the next lookups load the
+    // new plan.
+    *db.delay.lock().unwrap() = Duration::ZERO;
+    let now = orgs.by_slug("acme").await.unwrap().unwrap();
+    assert_eq!(
+        (now.source, now.context.plan.as_str()),
+        (LoadSource::Loader, "enterprise")
+    );
+    let by_id = orgs.by_id("42").await.unwrap().unwrap();
+    assert_eq!(by_id.context.plan, "enterprise");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,6 +9,7 @@
 use std::any::Any;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, LazyLock, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -31,7 +32,14 @@ pub(crate) enum Outcome {
     Abandoned,
 }
 
-type Slot = Arc<watch::Sender<Option<Outcome>>>;
+/// One load in flight: its outcome channel, and whether the key was invalidated while it
+/// ran (then what it loaded may predate the change and must not stay cached).
+pub(crate) struct Flight {
+    outcome: watch::Sender<Option<Outcome>>,
+    invalidated: AtomicBool,
+}
+
+type Slot = Arc<Flight>;
 type Shard = Mutex<HashMap<(u64, Box<str>), Slot>>;
 
 const SHARDS: usize = 32;
@@ -72,9 +80,12 @@ pub(crate) enum Role {
 pub(crate) fn join(scope: u64, key: &str) -> Role {
     let mut shard = TABLE.shard(scope, key);
     if let Some(slot) = shard.get(&(scope, Box::from(key))) {
-        return Role::Waiter(slot.subscribe());
+        return Role::Waiter(slot.outcome.subscribe());
     }
-    let slot: Slot = Arc::new(watch::Sender::new(None));
+    let slot: Slot = Arc::new(Flight {
+        outcome: watch::Sender::new(None),
+        invalidated: AtomicBool::new(false),
+    });
     shard.insert((scope, Box::from(key)), Arc::clone(&slot));
     Role::Leader(Leader {
         scope,
@@ -82,6 +93,14 @@ pub(crate) fn join(scope: u64, key: &str) -> Role {
         slot,
         finished: false,
     })
+}
+
+/// Marks the load of `key` in `scope` running now, if any, as invalidated.
+pub(crate) fn invalidate(scope: u64, key: &str) {
+    let shard = TABLE.shard(scope, key);
+    if let Some(slot) = shard.get(&(scope, Box::from(key))) {
+        slot.invalidated.store(true, Ordering::SeqCst);
+    }
 }
 
 /// How many loads are in flight now, over every service (for tests).
@@ -106,7 +125,12 @@ impl Leader {
     pub(crate) fn finish(mut self, outcome: Outcome) {
         self.finished = true;
         self.remove();
-        self.slot.send_replace(Some(outcome));
+        self.slot.outcome.send_replace(Some(outcome));
+    }
+
+    /// Whether the key was invalidated (through [`invalidate`]) since this load began.
+    pub(crate) fn invalidated(&self) -> bool {
+        self.slot.invalidated.load(Ordering::SeqCst)
     }
 
     fn remove(&self) {
@@ -125,7 +149,7 @@ impl Drop for Leader {
     fn drop(&mut self) {
         if !self.finished {
             self.remove();
-            self.slot.send_replace(Some(Outcome::Abandoned));
+            self.slot.outcome.send_replace(Some(Outcome::Abandoned));
         }
     }
 }
@@ -177,6 +201,26 @@ mod tests {
         let Role::Leader(next) = join(3, key) else {
             panic!("the key must be free again")
         };
+        drop(next);
+    }
+
+    #[test]
+    fn an_invalidation_marks_only_the_running_load() {
+        let key = "flight-test:invalidated";
+        invalidate(4, key); // nothing running: no effect, no entry
+        let Role::Leader(leader) = join(4, key) else {
+            panic!("the first caller must lead")
+        };
+        assert!(!leader.invalidated());
+        invalidate(5, key); // another scope
+        assert!(!leader.invalidated());
+        invalidate(4, key);
+        assert!(leader.invalidated());
+        leader.finish(Outcome::Abandoned);
+        let Role::Leader(next) = join(4, key) else {
+            panic!("the key must be free again")
+        };
+        assert!(!next.invalidated(), "a new load starts clean");
         drop(next);
     }
 }

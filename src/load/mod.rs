@@ -313,6 +313,30 @@ pub(crate) enum LoadTtl {
     DontStore,
 }
 
+/// Tells a load of `key` running now on `cache` (in this process) that the key was just
+/// invalidated: the value it loads may predate the change, so it is returned to the callers
+/// waiting for it but not cached. [`OrgResolver::invalidate_org`](crate::OrgResolver::invalidate_org)
+/// and [`TokenCache::invalidate`](crate::TokenCache::invalidate) call it; an app that
+/// invalidates keys it loads with `get_or_load` calls it before `invalidate`.
+///
+/// Without it, a load that read the store just before an update could write the old value
+/// back right after the invalidation, where it would stay for its TTL. Loads on other
+/// instances are not reached (their TTL bounds that case).
+///
+/// ```
+/// use cachet::{CacheService, MokaCacheService, load};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+/// let cache = MokaCacheService::default();
+/// // after the org changed in the database:
+/// load::invalidate_in_flight(&cache, "org:acme");
+/// cache.invalidate("org:acme").await?;
+/// # Ok(()) }
+/// ```
+pub fn invalidate_in_flight<S: CacheService + ?Sized>(cache: &S, key: &str) {
+    flight::invalidate(cache.flight_scope(), key);
+}
+
 /// How many loads are running now in this process, over every service: zero once every
 /// `get_or_load` has returned or been dropped (the table never keeps finished loads).
 ///
@@ -573,7 +597,22 @@ where
                     return Err(LoadError::Cache(error));
                 }
             };
-            let written = store_value(cache, key, options, ttl, &payload, &mut cache_error).await;
+            // A load that an invalidation overtook may hold the value from before the change:
+            // it is returned to this call's callers but not cached. Checked after the write
+            // too, and the write undone, so that an invalidation landing between the check
+            // and the write cannot leave it cached either.
+            let written = if leader.invalidated() {
+                None
+            } else {
+                let written =
+                    store_value(cache, key, options, ttl, &payload, &mut cache_error).await;
+                if leader.invalidated() {
+                    let _ = cache.invalidate(key).await;
+                    None
+                } else {
+                    written
+                }
+            };
             release(lock).await;
             leader.finish(Outcome::Value {
                 payload: Some(payload),
@@ -588,7 +627,7 @@ where
         }
         Ok(Ok(None)) => {
             let mut written = None;
-            if let Some(secs) = options.negative_ttl_secs {
+            if let (Some(secs), false) = (options.negative_ttl_secs, leader.invalidated()) {
                 let marker = Frame::absent(now_ms().saturating_add(secs.saturating_mul(1000)));
                 let stored = marker.encode();
                 match cache.set_bytes(key, stored.clone(), Some(secs)).await {
@@ -627,8 +666,10 @@ where
                 );
                 throttled.stale = true;
                 let ttl = secs_ceil(frame.stale_until_ms - now);
-                if let Err(error) = cache.set_bytes(key, throttled.encode(), Some(ttl)).await {
-                    cache_error = Some(error);
+                if !leader.invalidated() {
+                    if let Err(error) = cache.set_bytes(key, throttled.encode(), Some(ttl)).await {
+                        cache_error = Some(error);
+                    }
                 }
                 leader.finish(Outcome::Value {
                     payload: Some(frame.payload),
