@@ -311,7 +311,7 @@ async fn fail_safe_serves_the_last_value_then_recovers(
     let options = LoadOptions::default()
         .ttl_secs(1)
         .fail_safe(Duration::from_secs(60))
-        .fail_safe_throttle(Duration::from_secs(1));
+        .fail_safe_throttle(Duration::from_secs(3));
     let loads = AtomicUsize::new(0);
     let ok = |plan: &'static str| {
         let loads = &loads;
@@ -352,7 +352,7 @@ async fn fail_safe_serves_the_last_value_then_recovers(
     );
     assert_eq!(loads.load(Ordering::SeqCst), 2, "throttled: no store call");
 
-    tokio::time::sleep(Duration::from_millis(1300)).await; // past the throttle
+    tokio::time::sleep(Duration::from_millis(3500)).await; // past the throttle
     let recovered = cache
         .get_or_load_with(&key, &options, ok("enterprise"))
         .await
