@@ -321,9 +321,10 @@ fn sentinel_fails_over_to_the_replica() {
     while setup.primary().info_field("replication", "master_port") != Some(new_port.to_string()) {
         assert!(
             started.elapsed() < Duration::from_secs(30),
-            "old primary not reconfigured\n{}\n{}",
+            "old primary not reconfigured\n{}\n{}\n{}",
             setup.sentinel().log_tail(40),
-            setup.primary().log_tail(20)
+            setup.primary().log_tail(20),
+            setup.replica().log_tail(20)
         );
         thread::sleep(Duration::from_millis(50));
     }

@@ -13,6 +13,8 @@ const SERVICE_NAME: &str = "mymaster";
 const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long a failover may take, from killing the primary to the sentinel naming the replica.
 const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
+/// The sentinel's `down-after-milliseconds`.
+const DOWN_AFTER_MS: u32 = 3000;
 
 /// A primary, a replica (`--replicaof 127.0.0.1 <primary port>`) and a sentinel
 /// (`redis-server <conf> --sentinel`) configured with
@@ -20,11 +22,17 @@ const FAILOVER_TIMEOUT: Duration = Duration::from_secs(30);
 /// ```text
 /// sentinel resolve-hostnames no
 /// sentinel monitor mymaster 127.0.0.1 <primary port> 1
-/// sentinel down-after-milliseconds mymaster 1000
+/// sentinel down-after-milliseconds mymaster 3000
 /// sentinel failover-timeout mymaster 5000
 /// ```
 ///
 /// `start()` returns once the replica is in sync and the sentinel lists it with an ok link.
+///
+/// With one sentinel and a quorum of 1, a server that misses PINGs for `down-after` is failed
+/// over at once. 1 s was too short on a loaded 2-core CI machine: right after a failover, the
+/// sentinel's fresh link to the promoted replica went unanswered for a second, and it failed
+/// back to the restarted old primary. 3 s makes that rare and costs 2 s per deliberate
+/// failover.
 #[derive(Debug)]
 pub struct SentinelSetup {
     primary: RedisServer,
@@ -75,7 +83,7 @@ impl SentinelSetup {
         let config = format!(
             "sentinel resolve-hostnames no\n\
              sentinel monitor {SERVICE_NAME} 127.0.0.1 {primary_port} 1\n\
-             sentinel down-after-milliseconds {SERVICE_NAME} 1000\n\
+             sentinel down-after-milliseconds {SERVICE_NAME} {DOWN_AFTER_MS}\n\
              sentinel failover-timeout {SERVICE_NAME} 5000\n"
         );
         let sentinel = RedisServer::launch(Launch {
@@ -135,15 +143,34 @@ impl SentinelSetup {
     }
 
     /// SIGKILLs the primary and waits (at most 30 s) until the sentinel reports the replica's
-    /// port as the primary's and the replica says it is a master; returns that port.
+    /// port as the primary's, has ended the failover (no `failover_in_progress` flag), and the
+    /// replica says it is a master; returns that port.
+    ///
+    /// Waiting for the end matters to a caller that restarts the old primary next: restarted
+    /// while the sentinel is still reconfiguring, it races the switch of the monitored address.
     pub fn kill_primary_and_wait_failover(&self) -> u16 {
         self.primary.kill();
         let new_port = self.replica.port();
         self.wait_until(FAILOVER_TIMEOUT, "the failover to the replica", |s| {
             s.current_primary_port() == Some(new_port)
+                && s.master_flags().as_deref() == Some("master")
                 && s.replica.info_field("replication", "role").as_deref() == Some("master")
         });
         new_port
+    }
+
+    /// The `flags` field of `SENTINEL master mymaster`: `master` when it is up and no
+    /// failover is running.
+    fn master_flags(&self) -> Option<String> {
+        let reply = self
+            .sentinel
+            .request(&["SENTINEL", "master", SERVICE_NAME])
+            .ok()?;
+        reply
+            .pairs()
+            .into_iter()
+            .find(|(k, _)| k == "flags")
+            .map(|(_, v)| v)
     }
 
     fn sentinel_sees_replica(&self) -> bool {
