@@ -8,7 +8,8 @@
 //! - `redis_throughput_64_tasks_get` / `_set`: 64 concurrent tasks, time per operation;
 //! - `invalidate_prefix_20k_of_400k`: cachet vs a raw fred SCAN + UNLINK loop vs the original
 //!   design's `KEYS` + `DEL`; while each runs, another connection times GETs, and the p99 is
-//!   printed per contender (criterion cannot report it).
+//!   printed per contender (criterion cannot report it), with the server's own time per
+//!   invalidation in the enumerating and removing commands (`INFO commandstats`).
 //!
 //! Runtime: tokio multi-thread with 2 workers; redis-server shares the same 2 cores.
 
@@ -281,6 +282,27 @@ async fn keys_del(conn: &mut ConnectionManager) -> u64 {
         .unwrap()
 }
 
+/// The server's own time in the enumeration (`SCAN`/`KEYS`) and removal (`UNLINK`/`DEL`)
+/// commands since the last `CONFIG RESETSTAT`, in µs, from `INFO commandstats`.
+fn server_usec(server: &support::RedisServer) -> (u64, u64) {
+    let stats = server
+        .command(&["INFO", "commandstats"])
+        .unwrap_or_default();
+    let usec = |command: &str| -> u64 {
+        stats
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+            .and_then(|fields| {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix("usec="))
+                    .and_then(|v| v.parse().ok())
+            })
+            .unwrap_or(0)
+    };
+    (usec("scan") + usec("keys"), usec("unlink") + usec("del"))
+}
+
 fn invalidation(c: &mut Criterion, server: &support::RedisServer) {
     let rt = common::multi_thread_runtime();
     let k = rt.block_on(contenders(&server.url()));
@@ -321,10 +343,13 @@ fn invalidation(c: &mut Criterion, server: &support::RedisServer) {
         ("original design KEYS + DEL", Who::RedisCrate),
     ] {
         let latencies = Arc::new(Mutex::new(Vec::new()));
+        let mut runs = 0u64;
+        server.command(&["CONFIG", "RESETSTAT"]).unwrap();
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
+                    runs += iters;
                     for _ in 0..iters {
                         refill_matching(&k.fred).await;
                         let running = Arc::new(AtomicBool::new(true));
@@ -358,9 +383,13 @@ fn invalidation(c: &mut Criterion, server: &support::RedisServer) {
         all.sort();
         let p99 = all.get(all.len() * 99 / 100).copied().unwrap_or_default();
         let max = all.last().copied().unwrap_or_default();
+        let (enumerate, remove) = server_usec(server);
         report.push(format!(
-            "{name}: concurrent GET p99 {p99:?}, max {max:?} over {} GETs",
-            all.len()
+            "{name}: concurrent GET p99 {p99:?}, max {max:?} over {} GETs; server time per \
+             invalidation: {:.1} ms enumerating (SCAN/KEYS), {:.1} ms removing (UNLINK/DEL)",
+            all.len(),
+            enumerate as f64 / runs.max(1) as f64 / 1000.0,
+            remove as f64 / runs.max(1) as f64 / 1000.0,
         ));
     }
     group.finish();

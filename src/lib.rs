@@ -47,6 +47,7 @@ pub mod conformance;
 pub mod decorate;
 pub mod envelope;
 mod error;
+mod future_slot;
 pub mod invalidation;
 pub mod load;
 pub mod lock;

@@ -13,10 +13,10 @@ use fred::prelude::{
 };
 use fred::types::Key;
 use fred::types::scan::Scanner;
-use futures_util::future::BoxFuture;
 use futures_util::stream::StreamExt;
 
-use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
+use crate::future_slot;
+use crate::service::{BoxFuture, DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{BoxError, CacheError, CacheService};
 
 /// Default time allowed to connect (TCP, TLS, `AUTH`) before the service fails to build.
@@ -246,43 +246,70 @@ impl CacheService for RedisCacheService {
         Arc::as_ptr(&self.inner).addr() as u64
     }
 
-    async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        let full = self.full_key(key);
-        self.client()
-            .get::<Option<Bytes>, _>(full.as_ref())
-            .await
-            .map_err(|e| self.backend_error("get", key, e))
+    // `get_bytes`, `set_bytes` and `invalidate` box their futures in reused slots
+    // (`future_slot`) rather than through `#[async_trait]`: each holds a fred command future
+    // of ~6.8 KB, and allocating that much per call cost ~20% of the client's CPU.
+    fn get_bytes<'s, 'k, 'f>(
+        &'s self,
+        key: &'k str,
+    ) -> BoxFuture<'f, Result<Option<Bytes>, CacheError>>
+    where
+        's: 'f,
+        'k: 'f,
+        Self: 'f,
+    {
+        future_slot::boxed(move || async move {
+            let full = self.full_key(key);
+            self.client()
+                .get::<Option<Bytes>, _>(full.as_ref())
+                .await
+                .map_err(|e| self.backend_error("get", key, e))
+        })
     }
 
-    async fn set_bytes(
-        &self,
-        key: &str,
+    fn set_bytes<'s, 'k, 'f>(
+        &'s self,
+        key: &'k str,
         value: Bytes,
         ttl_secs: Option<u64>,
-    ) -> Result<(), CacheError> {
-        let ttl = resolve_ttl(key, ttl_secs, self.inner.default_ttl)?;
-        // At most 100 years of milliseconds: far inside i64.
-        let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let full = self.full_key(key);
-        self.client()
-            .set::<(), _, _>(
-                full.as_ref(),
-                value,
-                Some(Expiration::PX(millis)),
-                None,
-                false,
-            )
-            .await
-            .map_err(|e| self.backend_error("set", key, e))
+    ) -> BoxFuture<'f, Result<(), CacheError>>
+    where
+        's: 'f,
+        'k: 'f,
+        Self: 'f,
+    {
+        future_slot::boxed(move || async move {
+            let ttl = resolve_ttl(key, ttl_secs, self.inner.default_ttl)?;
+            // At most 100 years of milliseconds: far inside i64.
+            let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+            let full = self.full_key(key);
+            self.client()
+                .set::<(), _, _>(
+                    full.as_ref(),
+                    value,
+                    Some(Expiration::PX(millis)),
+                    None,
+                    false,
+                )
+                .await
+                .map_err(|e| self.backend_error("set", key, e))
+        })
     }
 
-    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
-        let full = self.full_key(key);
-        self.client()
-            .unlink::<u64, _>(full.as_ref())
-            .await
-            .map(drop)
-            .map_err(|e| self.backend_error("invalidate", key, e))
+    fn invalidate<'s, 'k, 'f>(&'s self, key: &'k str) -> BoxFuture<'f, Result<(), CacheError>>
+    where
+        's: 'f,
+        'k: 'f,
+        Self: 'f,
+    {
+        future_slot::boxed(move || async move {
+            let full = self.full_key(key);
+            self.client()
+                .unlink::<u64, _>(full.as_ref())
+                .await
+                .map(drop)
+                .map_err(|e| self.backend_error("invalidate", key, e))
+        })
     }
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
