@@ -38,6 +38,8 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
+// The one module with `unsafe` code opts in below.
+#![deny(unsafe_code)]
 
 pub mod backend;
 pub mod codec;
@@ -47,6 +49,7 @@ pub mod conformance;
 pub mod decorate;
 pub mod envelope;
 mod error;
+#[allow(unsafe_code)] // type-erased futures in reused heap slots; see the module docs
 mod future_slot;
 pub mod invalidation;
 pub mod load;
