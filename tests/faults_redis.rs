@@ -242,3 +242,64 @@ async fn acl_user_and_password_from_the_url() {
         }
     }
 }
+
+/// Calls dropped half-way (a caller's timeout, a cancelled request) are dropped with the
+/// fred command inside them, after it was handed to the client and before its answer came;
+/// the service then keeps answering every call correctly, on the very same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_dropped_mid_flight_leave_the_service_working() {
+    use std::future::Future;
+    use std::task::{Context, Waker};
+
+    let server = RedisServer::start();
+    let cache = Arc::new(service(server.url()).await);
+    let mut pending = 0;
+    for round in 0..5u64 {
+        let tasks: Vec<_> = (0..400u64)
+            .map(|i| {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    let key = format!("dropped:{}", i % 50);
+                    let mut call: std::pin::Pin<Box<dyn Future<Output = ()> + Send>> = if i % 2 == 0
+                    {
+                        Box::pin(async move {
+                            let _ = cache.set(&key, &(round, i), None).await;
+                        })
+                    } else {
+                        Box::pin(async move {
+                            let _ = cache.get::<(u64, u64)>(&key).await;
+                        })
+                    };
+                    // One poll sends the command; the answer cannot be back within it.
+                    let first = call.as_mut().poll(&mut Context::from_waker(Waker::noop()));
+                    drop(call);
+                    first.is_pending()
+                })
+            })
+            .collect();
+        for task in tasks {
+            pending += usize::from(task.await.expect("no panic while dropping calls"));
+        }
+    }
+    assert_eq!(pending, 2000, "every call was dropped while in flight");
+    for i in 0..50u64 {
+        let key = format!("dropped:{i}");
+        bounded("set after the drops", cache.set(&key, &(99u64, i), None))
+            .await
+            .unwrap();
+    }
+    for i in 0..50u64 {
+        let key = format!("dropped:{i}");
+        let read = bounded("get after the drops", cache.get::<(u64, u64)>(&key)).await;
+        assert_eq!(read.unwrap(), Some((99, i)), "{key}");
+    }
+    assert_eq!(
+        bounded(
+            "invalidate after the drops",
+            cache.invalidate_prefix("dropped:")
+        )
+        .await
+        .unwrap(),
+        50
+    );
+}
