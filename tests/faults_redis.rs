@@ -95,6 +95,39 @@ async fn bad_urls_are_config_errors_without_the_password() {
     assert!(!format!("{err} {err:?}").contains("hunter2"), "{err:?}");
 }
 
+#[tokio::test]
+async fn a_namespace_without_a_trailing_separator_is_refused() {
+    let server = RedisServer::start();
+    for bad in ["a", "tenant-a", "app:v2"] {
+        let err = bounded(
+            "build with a bad namespace",
+            RedisCacheService::builder(server.url())
+                .namespace(bad)
+                .build(),
+        )
+        .await
+        .expect_err(bad);
+        assert!(matches!(err, CacheError::Config { .. }), "{bad}: {err:?}");
+        assert!(err.to_string().contains("must end with ':'"), "{err}");
+    }
+    // With the separator, "a:" and "ab:" are disjoint: emptying one leaves the other.
+    let a = service_in(server.url(), "a:").await;
+    let ab = service_in(server.url(), "ab:").await;
+    a.set("k", &1, None).await.unwrap();
+    ab.set("k", &2, None).await.unwrap();
+    assert_eq!(a.invalidate_prefix("").await.unwrap(), 1);
+    assert_eq!(ab.get::<i32>("k").await.unwrap(), Some(2));
+    assert_eq!(server.cli(&["GET", "ab:k"]).trim(), "2");
+}
+
+async fn service_in(url: String, namespace: &str) -> RedisCacheService {
+    RedisCacheService::builder(url)
+        .namespace(namespace)
+        .build()
+        .await
+        .expect("connect")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_mid_flight_then_restarted() {
     let server = RedisServer::start();

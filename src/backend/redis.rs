@@ -595,6 +595,11 @@ impl RedisCacheServiceBuilder {
     /// A prefix put before every key (for example `"myapp:"`), so that several apps can share
     /// one Redis; `invalidate_prefix` never reaches outside it. Default: none, a key is
     /// stored under exactly its name.
+    ///
+    /// A non-empty namespace must end with `:`, or `build` returns [`CacheError::Config`]:
+    /// without the separator, namespace `"a"` would be a prefix of namespace `"ab"`'s keys,
+    /// and `invalidate_prefix("")` in `"a"` would remove them. (Nested namespaces such as
+    /// `"app:"` and `"app:v2:"` still contain one another, as their names say.)
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into();
         self
@@ -636,6 +641,16 @@ impl RedisCacheServiceBuilder {
         if self.command_timeout.is_zero() || self.connect_timeout.is_zero() {
             return Err(CacheError::config(
                 "timeouts must be longer than zero",
+                None,
+            ));
+        }
+        if !self.namespace.is_empty() && !self.namespace.ends_with(':') {
+            return Err(CacheError::config(
+                format!(
+                    "the namespace {:?} must end with ':', so that it is not a prefix of another \
+                     namespace's keys (\"a\" would reach \"ab...\")",
+                    self.namespace
+                ),
                 None,
             ));
         }
