@@ -20,7 +20,9 @@
 //!
 //! `cargo bench --bench redis_ratios [-- ROW-FILTER]` (`ROUNDS`, `OPS` override 15 and
 //! 20 000; `BENCH_SERVER=valkey` runs against valkey-server; `ONLY=N` runs contender N alone,
-//! for a profiler). The redis-server is started by the
+//! for a profiler; `ALLOC_PROBE=1` replaces the no-timeout contender with raw fred in
+//! cachet's configuration that also holds one 7 KB heap allocation across each call, the
+//! probe that showed what boxing fred's ~6.8 KB futures cost before `future_slot`). The redis-server is started by the
 //! bench on a free loopback port; tokio has 2 workers, and the server shares the 2 cores.
 
 #[path = "../tests/support/mod.rs"]
@@ -59,6 +61,8 @@ struct Contenders {
     fred: Client,
     fred_no_timeout: Client,
     redis: ConnectionManager,
+    /// `ALLOC_PROBE=1`: contender 2 is raw fred + a 7 KB allocation per call.
+    alloc_probe: bool,
 }
 
 async fn fred_client(url: &str, timeout: Duration) -> Client {
@@ -80,6 +84,7 @@ async fn contenders(url: &str) -> Contenders {
             .get_connection_manager()
             .await
             .expect("redis crate connects"),
+        alloc_probe: std::env::var("ALLOC_PROBE").is_ok_and(|v| v == "1"),
     }
 }
 
@@ -90,6 +95,10 @@ fn key(i: usize) -> String {
 /// One typed operation by contender `who` on key `i`.
 async fn op(k: &mut Contenders, who: usize, write: bool, i: usize, value: &OrgContext) {
     let key = key(i);
+    // The allocation probe: what one future-sized heap allocation per call costs.
+    let probe = (who == 2 && k.alloc_probe).then(Box::<[u8; 7 * 1024]>::new_uninit);
+    let who = if probe.is_some() { 1 } else { who };
+    black_box(&probe);
     match (who, write) {
         (0, false) => {
             black_box(k.cachet.get::<OrgContext>(&key).await.unwrap());
@@ -218,9 +227,14 @@ fn main() {
         server_name,
         server.port()
     );
+    let third = if k.alloc_probe {
+        "fred +7KB"
+    } else {
+        "fred 0 to"
+    };
     println!(
-        "{:<34} {:>10} {:>10} {:>10} {:>10}   cachet throughput vs fred / fred no-timeout / redis crate",
-        "row", NAMES[0], "fred cfg", "fred 0 to", NAMES[3]
+        "{:<34} {:>10} {:>10} {:>10} {:>10}   cachet throughput vs fred / {third} / redis crate",
+        "row", NAMES[0], "fred cfg", third, NAMES[3]
     );
     for (row, write, tasks, row_ops) in [
         ("typed GET, 64 tasks", false, 64, ops),
