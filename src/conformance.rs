@@ -193,15 +193,15 @@ impl OrgContext {
                 ("empty".into(), String::new()),
             ]),
             limits: HashMap::from([("eu".into(), 1000), ("us".into(), 250)]),
-            sso: n.is_multiple_of(2).then(|| SsoConfig {
+            sso: (n % 2 == 0).then(|| SsoConfig {
                 issuer: "https://idp.example.com/realms/acme".into(),
                 client_id: format!("client-{n}"),
                 client_secret: "s3cr3t-πσ".into(),
                 domains: vec!["acme.example".into(), "acme.test".into()],
             }),
-            parent_id: n.is_multiple_of(5).then_some(n / 5),
+            parent_id: (n % 5 == 0).then_some(n / 5),
             discount: 0.125 + n as f64 / 1000.0,
-            suspended: n.is_multiple_of(7),
+            suspended: n % 7 == 0,
         }
     }
 }

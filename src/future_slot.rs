@@ -10,7 +10,7 @@
 //! 32-byte handle.
 //!
 //! At most [`POOL_CAP`] free slots are kept per thread (256 KB); beyond that a slot is freed.
-//! A future larger than a slot, or aligned beyond it, is boxed the ordinary way.
+//! A future larger than a slot, or aligned beyond it, is boxed the ordinary way (`Box::pin`).
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -20,7 +20,7 @@ use std::pin::Pin;
 use std::ptr::{self, NonNull};
 use std::task::{Context, Poll};
 
-use crate::service::{BoxFuture, box_in_place};
+use crate::service::BoxFuture;
 
 /// Bytes in a slot: room for a fred command future and what the caller's `async` block adds.
 pub(crate) const SLOT_BYTES: usize = 8 * 1024;
@@ -47,10 +47,10 @@ fn take_slot() -> Box<Slot> {
 fn give_back(slot: Box<Slot>) {
     // During thread teardown the list may be gone: the slot is then simply freed.
     let _ = FREE.try_with(move |free| {
-        if let Ok(mut free) = free.try_borrow_mut()
-            && free.len() < POOL_CAP
-        {
-            free.push(slot);
+        if let Ok(mut free) = free.try_borrow_mut() {
+            if free.len() < POOL_CAP {
+                free.push(slot);
+            }
         }
     });
 }
@@ -74,7 +74,7 @@ where
     F: Future + Send + 'a,
 {
     if !fits::<F>() {
-        return box_in_place(make);
+        return Box::pin(make());
     }
     let slot = NonNull::from(Box::leak(take_slot())).cast::<F>();
     // SAFETY: the slot is `SLOT_BYTES` long and 64-aligned, which holds an `F` (checked by

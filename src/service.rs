@@ -380,25 +380,6 @@ pub fn check_default_ttl(secs: u64) -> Result<Duration, CacheError> {
 /// The boxed future `#[async_trait]` methods return.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Boxes the future `make` returns, allocating first so that the future can be built in its
-/// heap slot rather than on the stack and then copied there (what `Box::pin(future)` does).
-///
-/// A future's size is that of its largest state, and fred's command futures are about
-/// 6.8 KB; copying that into the box on every call cost the Redis backend about 8% of its
-/// throughput with 64 concurrent tasks (`benches/redis_ratios.rs`). Only the captured
-/// arguments of a fresh `async` block are initialised, so building it in place writes a few
-/// bytes. (That the copy is elided is an optimisation the compiler makes here, not a
-/// guarantee; the result is correct either way.)
-#[inline(always)]
-pub(crate) fn box_in_place<'a, F>(make: impl FnOnce() -> F) -> BoxFuture<'a, F::Output>
-where
-    F: Future + Send + 'a,
-{
-    let slot = Box::<F>::new_uninit();
-    let future: Box<F> = Box::write(slot, make());
-    Box::into_pin(future)
-}
-
 /// Forwarding impls: a wrapped service is a service itself. They hand back the inner
 /// service's future as it is, so an `Arc<dyn CacheService>` costs no second allocation.
 macro_rules! forward_cache_service {

@@ -44,7 +44,7 @@ impl OrgContext {
             ]),
             sso_issuer: Some("https://idp.example.com/realms/acme".into()),
             sso_client_id: Some(format!("client-{n}")),
-            parent_id: n.is_multiple_of(5).then_some(n / 5),
+            parent_id: (n % 5 == 0).then_some(n / 5),
             seats: 25,
             suspended: false,
         }
