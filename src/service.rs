@@ -15,7 +15,9 @@ use serde::de::DeserializeOwned;
 // `enum_dispatch` writes `impl CacheService for Cache` here (the enum is expanded first), so
 // the generated code needs the variant types in scope.
 use crate::backend::{Cache, MokaCacheService, RedisCacheService, TieredCacheService};
-use crate::load::{self, Frame, LoadError, LoadOptions, LoadTtl, Loaded};
+use crate::load::{
+    self, Frame, Lease, LeaseRead, LeaseRequest, LoadError, LoadOptions, LoadTtl, Loaded,
+};
 use crate::{CacheError, codec};
 
 /// The longest TTL any backend accepts: 100 years of 365 days, in seconds. Longer is a
@@ -97,6 +99,59 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// Removes every entry whose key starts with the literal string `prefix` and returns how
     /// many were removed. `*`, `?`, `[`, `]` and `\` are ordinary characters here.
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError>;
+
+    /// Cache-aside's lease (see [`load::lease`](crate::load::lease)): the value stored under
+    /// `key`, read from the store that holds the truth (never a local copy), or, when there
+    /// is none (or it is the unusable value `request.replace` names), a lease on the key for
+    /// `request.token`, stored in the key itself so that any change to the key voids it.
+    /// [`LeaseRead::Held`] when someone else's lease is live.
+    ///
+    /// The default answers [`LeaseRead::Unsupported`]: loads then run without a lease. Every
+    /// backend and decorator of this crate implements it; a wrapper must forward it (and
+    /// [`set_leased`](CacheService::set_leased), [`release_lease`](CacheService::release_lease)).
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use cachet::{CacheService, MokaCacheService};
+    /// use cachet::load::{LeaseRead, LeaseRequest};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::default();
+    /// let LeaseRead::Granted(lease) = cache.lease("org:acme", &LeaseRequest::new()).await? else {
+    ///     panic!("a missing key is leased")
+    /// };
+    /// assert!(matches!(cache.lease("org:acme", &LeaseRequest::new()).await?, LeaseRead::Held { .. }));
+    /// cache.invalidate("org:acme").await?; // voids the lease
+    /// assert!(!cache.set_leased("org:acme", &lease, Bytes::from_static(b"old"), None).await?);
+    /// assert_eq!(cache.get_bytes("org:acme").await?, None);
+    /// # Ok(()) }
+    /// ```
+    async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        let _ = (key, request);
+        Ok(LeaseRead::Unsupported)
+    }
+
+    /// Stores `value` under `key` only if `lease` is still held there; whether it did.
+    /// A `set`, `invalidate` or `invalidate_prefix` of the key since the lease was granted
+    /// voided it, and then nothing is written. The default (no leases) stores
+    /// unconditionally.
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        let _ = lease;
+        self.set_bytes(key, value, ttl_secs).await.map(|()| true)
+    }
+
+    /// Ends `lease` on `key` if it is still held there (a load that stores nothing), so that
+    /// callers waiting on it load at once instead of waiting out its TTL.
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        let _ = (key, lease);
+        Ok(())
+    }
 
     /// Which store this service is, for the single flight of
     /// [`get_or_load`](CacheServiceExt::get_or_load): concurrent loads of one key through
@@ -439,6 +494,50 @@ macro_rules! forward_cache_service {
             fn flight_scope(&self) -> u64 {
                 (**self).flight_scope()
             }
+            fn lease<'s, 'k, 'r, 'f>(
+                &'s self,
+                key: &'k str,
+                request: &'r LeaseRequest,
+            ) -> BoxFuture<'f, Result<LeaseRead, CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                'r: 'f,
+                Self: 'f,
+            {
+                (**self).lease(key, request)
+            }
+
+            fn set_leased<'s, 'k, 'l, 'f>(
+                &'s self,
+                key: &'k str,
+                lease: &'l Lease,
+                value: Bytes,
+                ttl_secs: Option<u64>,
+            ) -> BoxFuture<'f, Result<bool, CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                'l: 'f,
+                Self: 'f,
+            {
+                (**self).set_leased(key, lease, value, ttl_secs)
+            }
+
+            fn release_lease<'s, 'k, 'l, 'f>(
+                &'s self,
+                key: &'k str,
+                lease: &'l Lease,
+            ) -> BoxFuture<'f, Result<(), CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                'l: 'f,
+                Self: 'f,
+            {
+                (**self).release_lease(key, lease)
+            }
+
         }
     )+};
 }

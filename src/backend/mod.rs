@@ -2,6 +2,7 @@
 
 pub mod moka;
 pub mod redis;
+pub mod redis_lease;
 pub mod tiered;
 
 use enum_dispatch::enum_dispatch;

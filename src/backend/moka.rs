@@ -3,7 +3,8 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -12,6 +13,7 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache as MokaCache;
 
+use crate::load::{Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
 use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{CacheError, CacheService};
 
@@ -21,12 +23,44 @@ pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
 /// What the byte weigher adds to each entry besides its key and value (bookkeeping).
 const ENTRY_OVERHEAD_BYTES: u64 = 64;
 
-/// One stored value and how long it lives from its write.
+/// One stored value and how long it lives from its write; or a cache-aside lease on the
+/// key (then `value` is empty and reads see a miss).
 #[derive(Clone)]
 struct Entry {
     value: Bytes,
     ttl: Duration,
+    /// Numbers the writes, so that a lease can replace exactly the value a caller saw.
+    id: u64,
+    lease: Option<Arc<LeaseMark>>,
 }
+
+/// A lease held on a key: its holder's token and when it ends.
+struct LeaseMark {
+    token: LeaseToken,
+    until: Instant,
+}
+
+impl Entry {
+    fn value(value: Bytes, ttl: Duration) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Entry {
+            value,
+            ttl,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            lease: None,
+        }
+    }
+
+    /// The value, unless this is a lease.
+    fn readable(self) -> Option<Bytes> {
+        self.lease.is_none().then_some(self.value)
+    }
+}
+
+/// Stripes of the per-key write lock: every change of a key (`set`, `invalidate`, lease
+/// steps) holds its stripe, so that a lease check and the write it guards are one step.
+/// Reads take no lock.
+const WRITE_STRIPES: usize = 64;
 
 /// Per-entry TTL: each entry lives for the TTL stored in it, counted from its last write
 /// (moka passes the write's instant, so `set` needs no clock read of its own).
@@ -74,6 +108,30 @@ pub struct MokaCacheService {
     capacity: Capacity,
     /// Shared by every clone (they share the store): see [`CacheService::flight_scope`].
     scope: u64,
+    stripes: Arc<WriteStripes>,
+}
+
+struct WriteStripes {
+    locks: Vec<Mutex<()>>,
+    hasher: ahash::RandomState,
+}
+
+impl WriteStripes {
+    fn new() -> Self {
+        WriteStripes {
+            locks: (0..WRITE_STRIPES).map(|_| Mutex::new(())).collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    fn lock(&self, key: &str) -> MutexGuard<'_, ()> {
+        let index = (self.hasher.hash_one(key) % WRITE_STRIPES as u64) as usize;
+        // The guarded sections cannot panic halfway (an insert or a remove), so a poisoned
+        // stripe is still consistent.
+        self.locks[index]
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -101,10 +159,23 @@ impl MokaCacheService {
 
     /// Stores `value` under `key` for `ttl` (any duration; used by the tiered cache's L1).
     pub(crate) fn insert_for(&self, key: &str, value: Bytes, ttl: Duration) {
-        self.cache.insert(key.to_owned(), Entry { value, ttl });
+        self.cache.insert(key.to_owned(), Entry::value(value, ttl));
     }
 
     /// Removes `key` (the synchronous form of `invalidate`).
+    /// Whether `token` holds the lease on `key` now (call with the key's stripe held).
+    fn holds(&self, key: &str, token: &LeaseToken) -> bool {
+        matches!(self.cache.get(key), Some(Entry { lease: Some(mark), .. }) if mark.token == *token)
+    }
+
+    /// Removes the lease on `key` if `token` holds it.
+    fn release_now(&self, key: &str, token: &LeaseToken) {
+        let _write = self.stripes.lock(key);
+        if self.holds(key, token) {
+            self.cache.invalidate(key);
+        }
+    }
+
     pub(crate) fn forget(&self, key: &str) {
         self.cache.invalidate(key);
     }
@@ -140,11 +211,74 @@ impl fmt::Debug for MokaCacheService {
 #[async_trait]
 impl CacheService for MokaCacheService {
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        Ok(self.cache.get(key).map(|entry| entry.value))
+        Ok(self.cache.get(key).and_then(Entry::readable))
     }
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
-        Some(Ok(self.cache.get(key).map(|entry| entry.value)))
+        Some(Ok(self.cache.get(key).and_then(Entry::readable)))
+    }
+
+    async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        let _write = self.stripes.lock(key);
+        let now = Instant::now();
+        if request.renew && !self.holds(key, &request.token) {
+            return Ok(LeaseRead::Lost);
+        }
+        match self.cache.get(key) {
+            Some(Entry {
+                lease: Some(mark), ..
+            }) if mark.token != request.token && mark.until > now => {
+                return Ok(LeaseRead::Held {
+                    remaining: mark.until - now,
+                });
+            }
+            Some(Entry {
+                lease: None,
+                value,
+                id,
+                ..
+            }) if request.replace.as_ref().and_then(StoredVersion::as_id) != Some(id) => {
+                return Ok(LeaseRead::Value {
+                    value,
+                    version: StoredVersion::of_id(id),
+                });
+            }
+            _ => {}
+        }
+        let mut entry = Entry::value(Bytes::new(), request.ttl.max(Duration::from_millis(1)));
+        entry.lease = Some(Arc::new(LeaseMark {
+            token: request.token.clone(),
+            until: now + entry.ttl,
+        }));
+        self.cache.insert(key.to_owned(), entry);
+        let (service, owned_key, token) = (self.clone(), key.to_owned(), request.token.clone());
+        Ok(LeaseRead::Granted(Lease::new(
+            request.token.clone(),
+            move || {
+                service.release_now(&owned_key, &token);
+            },
+        )))
+    }
+
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
+        let _write = self.stripes.lock(key);
+        if !self.holds(key, lease.token()) {
+            return Ok(false);
+        }
+        self.cache.insert(key.to_owned(), Entry::value(value, ttl));
+        Ok(true)
+    }
+
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        self.release_now(key, lease.token());
+        Ok(())
     }
 
     fn flight_scope(&self) -> u64 {
@@ -158,11 +292,13 @@ impl CacheService for MokaCacheService {
         ttl_secs: Option<u64>,
     ) -> Result<(), CacheError> {
         let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
-        self.cache.insert(key.to_owned(), Entry { value, ttl });
+        let _write = self.stripes.lock(key);
+        self.cache.insert(key.to_owned(), Entry::value(value, ttl));
         Ok(())
     }
 
     async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
+        let _write = self.stripes.lock(key);
         self.cache.invalidate(key);
         Ok(())
     }
@@ -186,9 +322,16 @@ impl CacheService for MokaCacheService {
         }
         let mut removed = 0u64;
         for (step, key) in matching.iter().enumerate() {
-            if self.cache.contains_key(key.as_str()) && self.cache.remove(key.as_str()).is_some() {
-                removed += 1;
-            }
+            // A lease is removed too (which voids it) but is not an entry to count.
+            let counted = {
+                let _write = self.stripes.lock(key);
+                self.cache.contains_key(key.as_str())
+                    && self
+                        .cache
+                        .remove(key.as_str())
+                        .is_some_and(|entry| entry.lease.is_none())
+            };
+            removed += u64::from(counted);
             if step % REMOVALS_PER_YIELD == REMOVALS_PER_YIELD - 1 {
                 YieldNow::default().await;
             }
@@ -296,6 +439,7 @@ impl MokaCacheServiceBuilder {
             default_ttl: Duration::from_secs(self.default_ttl_secs),
             capacity: self.capacity,
             scope: crate::service::new_flight_scope(),
+            stripes: Arc::new(WriteStripes::new()),
         }
     }
 }

@@ -16,6 +16,7 @@ use fred::types::scan::Scanner;
 use futures_util::stream::StreamExt;
 
 use crate::future_slot;
+use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::service::{BoxFuture, DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{BoxError, CacheError, CacheService};
 
@@ -172,7 +173,7 @@ impl RedisCacheService {
         self.inner.connection.client()
     }
 
-    fn full_key<'k>(&self, key: &'k str) -> Cow<'k, str> {
+    pub(super) fn full_key<'k>(&self, key: &'k str) -> Cow<'k, str> {
         if self.inner.namespace.is_empty() {
             Cow::Borrowed(key)
         } else {
@@ -180,7 +181,12 @@ impl RedisCacheService {
         }
     }
 
-    fn backend_error(&self, operation: &'static str, key: &str, error: RedisError) -> CacheError {
+    pub(super) fn backend_error(
+        &self,
+        operation: &'static str,
+        key: &str,
+        error: RedisError,
+    ) -> CacheError {
         CacheError::backend(
             self.inner.server.clone(),
             operation,
@@ -260,10 +266,12 @@ impl CacheService for RedisCacheService {
     {
         future_slot::boxed(move || async move {
             let full = self.full_key(key);
-            self.client()
-                .get::<Option<Bytes>, _>(full.as_ref())
-                .await
-                .map_err(|e| self.backend_error("get", key, e))
+            match self.client().get::<Option<Bytes>, _>(full.as_ref()).await {
+                Ok(value) => Ok(value),
+                // A cache-aside lease (a hash, see `redis_lease`) reads as a miss.
+                Err(e) if e.details().starts_with("WRONGTYPE") => Ok(None),
+                Err(e) => Err(self.backend_error("get", key, e)),
+            }
         })
     }
 
@@ -310,6 +318,24 @@ impl CacheService for RedisCacheService {
                 .map(drop)
                 .map_err(|e| self.backend_error("invalidate", key, e))
         })
+    }
+
+    async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        self.lease_now(key, request).await
+    }
+
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        self.set_leased_now(key, lease, value, ttl_secs).await
+    }
+
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        self.release_lease_now(key, lease).await
     }
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {

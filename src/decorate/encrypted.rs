@@ -27,6 +27,8 @@ use std::fmt;
 use aes_gcm::aead::{Aead, Generate, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Key, Nonce};
 use async_trait::async_trait;
+
+use crate::load::{Lease, LeaseRead, LeaseRequest};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_PAD_INDIFFERENT, URL_SAFE_PAD_INDIFFERENT};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -671,6 +673,31 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
         self.inner.invalidate_prefix(prefix).await
+    }
+
+    async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        Ok(match self.inner.lease(key, request).await? {
+            LeaseRead::Value { value, version } => match self.keys.decrypt(key, &value) {
+                Ok(value) => LeaseRead::Value { value, version },
+                Err(error) => LeaseRead::Unreadable { error, version },
+            },
+            other => other,
+        })
+    }
+
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        let sealed = self.keys.encrypt(key, &value)?;
+        self.inner.set_leased(key, lease, sealed, ttl_secs).await
+    }
+
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        self.inner.release_lease(key, lease).await
     }
 }
 

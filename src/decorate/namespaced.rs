@@ -4,6 +4,8 @@
 use std::fmt;
 
 use async_trait::async_trait;
+
+use crate::load::{Lease, LeaseRead, LeaseRequest};
 use bytes::Bytes;
 
 use crate::{CacheError, CacheService};
@@ -196,6 +198,26 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
         self.inner.invalidate_prefix(&self.stored_key(prefix)).await
+    }
+
+    async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        self.inner.lease(&self.stored_key(key), request).await
+    }
+
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        self.inner
+            .set_leased(&self.stored_key(key), lease, value, ttl_secs)
+            .await
+    }
+
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        self.inner.release_lease(&self.stored_key(key), lease).await
     }
 }
 

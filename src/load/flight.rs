@@ -128,6 +128,14 @@ impl Leader {
         self.slot.outcome.send_replace(Some(outcome));
     }
 
+    /// Stops new callers from joining this load (they start their own), while the callers
+    /// already waiting still get its outcome. The leader calls it once its loader returned:
+    /// a caller arriving after that may have arrived after a change the loaded value
+    /// predates, and must read again.
+    pub(crate) fn close(&self) {
+        self.remove();
+    }
+
     /// Whether the key was invalidated (through [`invalidate`]) since this load began.
     pub(crate) fn invalidated(&self) -> bool {
         self.slot.invalidated.load(Ordering::SeqCst)

@@ -23,6 +23,8 @@
 
 mod flight;
 pub mod frame;
+mod leader;
+pub mod lease;
 
 use std::fmt;
 use std::future::Future;
@@ -35,7 +37,10 @@ use serde::de::DeserializeOwned;
 
 use self::flight::{Outcome, Role};
 pub use self::frame::{Frame, decode_stored, now_ms};
-use crate::lock::{ConcurrencyService, LockGuard, LockOptions};
+pub use self::lease::{
+    DEFAULT_LEASE_TTL, LEASE_RENEW_EVERY, Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion,
+};
+use crate::lock::ConcurrencyService;
 use crate::service::resolve_ttl;
 use crate::{CacheError, CacheService, KeyName, codec};
 
@@ -467,7 +472,7 @@ where
         Some(read) => read,
         None => cache.get_bytes(key).await,
     };
-    let mut stale = match classify::<T>(key, read, options, &mut cache_error) {
+    let stale = match classify::<T>(key, read, options, &mut cache_error) {
         Read::Hit(value, _, stale) => {
             return Ok(Loaded {
                 value,
@@ -539,207 +544,16 @@ where
         }
     };
 
-    // Leading. A load may have finished between the first read and taking the lead:
-    // read once more so that it is not repeated.
-    let mut recheck_error = None;
-    match classify::<T>(key, cache.get_bytes(key).await, options, &mut recheck_error) {
-        Read::Hit(value, payload, stale) => {
-            leader.finish(Outcome::Value { payload, stale });
-            return Ok(Loaded {
-                value,
-                source: cached_source(stale),
-                cache_error: recheck_error.or(cache_error),
-                written: None,
-            });
-        }
-        Read::Miss { stale: again } => {
-            stale = again.or(stale);
-            cache_error = recheck_error.or(cache_error);
-        }
-    }
-
-    // Across instances: hold the shared lock while loading, and read once more under it.
-    let started = tokio::time::Instant::now();
-    let mut lock: Option<LockGuard> = None;
-    if let Some(locks) = &options.locks {
-        let lock_options = LockOptions::default()
-            .wait_timeout(options.load_timeout)
-            .lease(options.load_timeout.max(Duration::from_secs(1)));
-        let lock_key = format!("cachet:load:{key}");
-        if let Ok(guard) = locks.acquire(&lock_key, &lock_options).await {
-            let mut under_lock_error = None;
-            if let Read::Hit(value, payload, stale) = classify::<T>(
-                key,
-                cache.get_bytes(key).await,
-                options,
-                &mut under_lock_error,
-            ) {
-                let _ = guard.release().await;
-                leader.finish(Outcome::Value { payload, stale });
-                return Ok(Loaded {
-                    value,
-                    source: cached_source(stale),
-                    cache_error: under_lock_error.or(cache_error),
-                    written: None,
-                });
-            }
-            lock = Some(guard);
-        }
-    }
-    let remaining = options.load_timeout.saturating_sub(started.elapsed());
-
-    let failure = match tokio::time::timeout(remaining, loader()).await {
-        Ok(Ok(Some((value, ttl)))) => {
-            let payload = match codec::encode(key, &value) {
-                Ok(payload) => payload,
-                Err(error) => {
-                    leader.finish(Outcome::Unusable(Arc::from(error.to_string())));
-                    return Err(LoadError::Cache(error));
-                }
-            };
-            // A load that an invalidation overtook may hold the value from before the change:
-            // it is returned to this call's callers but not cached. Checked after the write
-            // too, and the write undone, so that an invalidation landing between the check
-            // and the write cannot leave it cached either.
-            let written = if leader.invalidated() {
-                None
-            } else {
-                let written =
-                    store_value(cache, key, options, ttl, &payload, &mut cache_error).await;
-                if leader.invalidated() {
-                    let _ = cache.invalidate(key).await;
-                    None
-                } else {
-                    written
-                }
-            };
-            release(lock).await;
-            leader.finish(Outcome::Value {
-                payload: Some(payload),
-                stale: false,
-            });
-            return Ok(Loaded {
-                value: Some(value),
-                source: LoadSource::Loader,
-                cache_error,
-                written,
-            });
-        }
-        Ok(Ok(None)) => {
-            let mut written = None;
-            if let (Some(secs), false) = (options.negative_ttl_secs, leader.invalidated()) {
-                let marker = Frame::absent(now_ms().saturating_add(secs.saturating_mul(1000)));
-                let stored = marker.encode();
-                match cache.set_bytes(key, stored.clone(), Some(secs)).await {
-                    Ok(()) => written = Some((stored, Some(secs))),
-                    Err(error) => cache_error = Some(error),
-                }
-            }
-            release(lock).await;
-            leader.finish(Outcome::Value {
-                payload: None,
-                stale: false,
-            });
-            return Ok(Loaded {
-                value: None,
-                source: LoadSource::Loader,
-                cache_error,
-                written,
-            });
-        }
-        Ok(Err(error)) => Err(Arc::new(error)),
-        Err(_) => Ok(options.load_timeout),
-    };
-
-    // The loader failed or timed out: fail-safe serves the last known value, if any.
-    release(lock).await;
-    if let Some(frame) = stale {
-        let now = now_ms();
-        if now < frame.stale_until_ms {
-            if let Ok(value) = codec::decode::<T>(key, &frame.payload) {
-                let throttle_ms =
-                    u64::try_from(options.fail_safe_throttle.as_millis()).unwrap_or(u64::MAX);
-                let mut throttled = Frame::value(
-                    frame.payload.clone(),
-                    now.saturating_add(throttle_ms).min(frame.stale_until_ms),
-                    frame.stale_until_ms,
-                );
-                throttled.stale = true;
-                let ttl = secs_ceil(frame.stale_until_ms - now);
-                if !leader.invalidated() {
-                    if let Err(error) = cache.set_bytes(key, throttled.encode(), Some(ttl)).await {
-                        cache_error = Some(error);
-                    }
-                }
-                leader.finish(Outcome::Value {
-                    payload: Some(frame.payload),
-                    stale: true,
-                });
-                return Ok(Loaded {
-                    value: Some(value),
-                    source: LoadSource::Stale,
-                    cache_error,
-                    written: None,
-                });
-            }
-        }
-    }
-    match failure {
-        Err(source) => {
-            leader.finish(Outcome::Failed(source.clone()));
-            Err(LoadError::Loader {
-                key: KeyName::new(key),
-                source,
-            })
-        }
-        Ok(after) => {
-            leader.finish(Outcome::TimedOut(after));
-            Err(LoadError::Timeout {
-                key: KeyName::new(key),
-                after,
-            })
-        }
-    }
-}
-
-/// Releases the cross-instance lock, if one is held. A release the lock server did not
-/// answer is not an error here: the lease frees the lock.
-async fn release(lock: Option<LockGuard>) {
-    if let Some(guard) = lock {
-        let _ = guard.release().await;
-    }
-}
-
-/// Stores a loaded value (plain, or framed for fail-safe); returns what it wrote.
-async fn store_value<S: CacheService + ?Sized>(
-    cache: &S,
-    key: &str,
-    options: &LoadOptions,
-    ttl: LoadTtl,
-    payload: &Bytes,
-    cache_error: &mut Option<CacheError>,
-) -> Option<(Bytes, Option<u64>)> {
-    let ttl_secs = match ttl {
-        LoadTtl::DontStore => return None,
-        LoadTtl::Secs(secs) => Some(secs),
-        LoadTtl::Options => options.ttl_secs,
-    };
-    let (stored, physical) = match (options.fail_safe, ttl_secs) {
-        (Some(grace), Some(ttl)) => {
-            let fresh_until = now_ms().saturating_add(ttl.saturating_mul(1000));
-            let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
-            let stale_until = fresh_until.saturating_add(grace_ms);
-            let physical = ttl.saturating_add(secs_ceil(grace_ms));
-            let frame = Frame::value(payload.clone(), fresh_until, stale_until);
-            (frame.encode(), Some(physical))
-        }
-        _ => (payload.clone(), ttl_secs),
-    };
-    match cache.set_bytes(key, stored.clone(), physical).await {
-        Ok(()) => Some((stored, physical)),
-        Err(error) => {
-            *cache_error = Some(error);
-            None
-        }
-    }
+    leader::lead(
+        cache,
+        key,
+        options,
+        leader::Lead {
+            leader,
+            stale,
+            cache_error,
+        },
+        loader,
+    )
+    .await
 }

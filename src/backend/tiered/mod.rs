@@ -1,6 +1,8 @@
 //! Many instances, one truth: an in-memory L1 per instance in front of Redis (L2), kept
 //! coherent by invalidation messages over Redis pub/sub.
 
+mod coherence;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -10,11 +12,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::clients::SubscriberClient;
 use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 
+use self::coherence::{Coherence, Ticket};
 use crate::envelope::Envelope;
 use crate::invalidation::{self, Message, Operation};
+use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::service::resolve_ttl;
 use crate::{
     CacheError, CacheService, MokaCacheService, RedisCacheService, RedisCacheServiceBuilder,
@@ -66,60 +70,123 @@ struct Inner {
     channel: String,
     subscriber: SubscriberClient,
     listener: JoinHandle<()>,
+    confirmer: JoinHandle<()>,
 }
+
+/// How many pub/sub messages may wait for the listener before it counts as fallen behind
+/// (and clears the L1): fred's default of 32 was overrun by a burst of a few hundred.
+pub const SUBSCRIBER_CAPACITY: usize = 16_384;
 
 /// What the listener task shares with the service.
 struct Shared {
     l1: MokaCacheService,
     l1_max_ttl: Duration,
     instance_id: u64,
-    /// Bumped by every invalidation (local or remote) and L1 reset: an L1 fill that read L2
-    /// before a bump is dropped.
-    epoch: AtomicU64,
+    /// The per-key versions every L1 insert checks (see [`coherence`]).
+    coherence: Coherence,
     /// Remote messages applied, L1 resets and malformed messages, for tests and metrics.
     applied: watch::Sender<u64>,
     resets: AtomicU64,
     malformed: AtomicU64,
+    /// Hellos sent after a reconnect that this instance did not hear back in time, and
+    /// explicit re-subscriptions that failed: a subscription that stays broken says so.
+    confirm_failures: AtomicU64,
     /// Set when this instance hears its own hello: its subscription is live.
     heard_self: watch::Sender<bool>,
+    /// Wakes the confirmer after a reset.
+    reconfirm: Notify,
 }
 
 impl Shared {
-    async fn apply(&self, message: Message) {
+    fn apply(self: &Arc<Self>, message: Message) {
         if message.origin == self.instance_id {
             if message.operation == Operation::Hello {
                 self.heard_self.send_replace(true);
             }
             return;
         }
-        if message.operation == Operation::Hello {
-            return;
-        }
-        self.epoch.fetch_add(1, Ordering::SeqCst);
         match message.operation {
             Operation::Key(key) => {
-                let _ = self.l1.invalidate(&key).await;
+                self.coherence.touch(&key);
+                self.l1.forget(&key);
             }
             Operation::Prefix(prefix) => {
-                let _ = self.l1.invalidate_prefix(&prefix).await;
+                // Hits under the prefix are misses from now on; the scan runs elsewhere.
+                self.coherence.touch_all();
+                let prefix: Arc<str> = Arc::from(prefix);
+                self.coherence.begin_prefix(Arc::clone(&prefix));
+                let shared = Arc::clone(self);
+                tokio::spawn(async move {
+                    let _ = shared.l1.invalidate_prefix(&prefix).await;
+                    shared.coherence.end_prefix(&prefix);
+                });
             }
-            Operation::Clear => self.l1.clear(),
-            Operation::Hello => {}
+            Operation::Clear => {
+                self.coherence.touch_all();
+                self.l1.clear();
+            }
+            Operation::Hello => return,
         }
         self.applied.send_modify(|n| *n += 1);
     }
 
+    /// Messages may have been lost: drop the whole L1.
     fn reset(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.coherence.touch_all();
         self.l1.clear();
         self.resets.fetch_add(1, Ordering::SeqCst);
         self.applied.send_modify(|n| *n += 1);
+    }
+
+    /// The subscription was re-established: drop the L1, and fill it again only once this
+    /// instance hears its own hello on the new subscription.
+    fn reset_unconfirmed(&self) {
+        self.coherence.set_confirmed(false);
+        self.heard_self.send_replace(false);
+        self.reset();
+        self.reconfirm.notify_one();
+    }
+
+    /// An L1 hit for `key`, unless a prefix scan covering it is still running.
+    fn l1_hit(&self, key: &str) -> Option<Bytes> {
+        match self.l1.get_bytes_now(key) {
+            Some(Ok(Some(hit))) if !self.coherence.is_pending(key) => Some(hit),
+            _ => None,
+        }
+    }
+
+    /// Puts a value read from L2 into the L1 if nothing touched its key since `ticket`.
+    fn fill(&self, key: &str, envelope: &Envelope, ticket: &Ticket) {
+        let ttl = envelope.remaining().min(self.l1_max_ttl);
+        if ttl.is_zero() || !self.coherence.still_valid(ticket) {
+            return;
+        }
+        self.l1.insert_for(key, envelope.payload.clone(), ttl);
+        // An invalidation that raced the fill: drop what was just put in.
+        if !self.coherence.still_valid(ticket) {
+            self.l1.forget(key);
+        }
+    }
+
+    /// After this instance's own write of `key` reached L2: its value goes into the L1
+    /// only if no other write or invalidation of the key was handled since `ticket`;
+    /// otherwise the key is dropped from the L1 (whose write Redis kept is unknown here).
+    fn own_write(&self, key: &str, payload: Bytes, ttl: Duration, ticket: &Ticket) {
+        let Some(after) = self.coherence.own_write(ticket) else {
+            self.l1.forget(key);
+            return;
+        };
+        self.l1.insert_for(key, payload, ttl.min(self.l1_max_ttl));
+        if !self.coherence.still_valid(&after) {
+            self.l1.forget(key);
+        }
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
         self.listener.abort();
+        self.confirmer.abort();
         let subscriber = self.subscriber.clone();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
@@ -146,7 +213,7 @@ async fn listen(
                         .ok_or_else(|| CacheError::config("not a byte string", None))
                         .and_then(Message::decode);
                     match parsed {
-                        Ok(message) => shared.apply(message).await,
+                        Ok(message) => shared.apply(message),
                         // A malformed message is counted and ignored.
                         Err(_) => {
                             shared.malformed.fetch_add(1, Ordering::SeqCst);
@@ -157,9 +224,52 @@ async fn listen(
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             reconnect = reconnects.recv() => match reconnect {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => shared.reset(),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => shared.reset_unconfirmed(),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
+        }
+    }
+}
+
+/// After each reset that needs it: publishes hellos until this instance hears one back on
+/// its subscription, re-subscribing every few attempts, with backoff; counts each failed
+/// round. Only then may the L1 fill again.
+async fn confirm(
+    shared: Arc<Shared>,
+    l2: RedisCacheService,
+    subscriber: SubscriberClient,
+    channel: String,
+) {
+    loop {
+        shared.reconfirm.notified().await;
+        let mut heard = shared.heard_self.subscribe();
+        let mut delay = Duration::from_millis(50);
+        let mut attempt = 0u32;
+        loop {
+            attempt += 1;
+            let hello = Message {
+                origin: shared.instance_id,
+                operation: Operation::Hello,
+            };
+            let published = l2
+                .client()
+                .publish::<i64, _, _>(channel.as_str(), hello.encode())
+                .await
+                .is_ok();
+            let wait = tokio::time::timeout(
+                delay.max(Duration::from_millis(200)),
+                heard.wait_for(|h| *h),
+            );
+            if published && matches!(wait.await, Ok(Ok(_))) {
+                shared.coherence.set_confirmed(true);
+                break;
+            }
+            shared.confirm_failures.fetch_add(1, Ordering::SeqCst);
+            if attempt % 3 == 0 && subscriber.subscribe(channel.as_str()).await.is_err() {
+                shared.confirm_failures.fetch_add(1, Ordering::SeqCst);
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
         }
     }
 }
@@ -192,7 +302,34 @@ impl TieredCacheService {
 
     /// Whether this instance's L1 holds `key` now.
     pub fn cached_locally(&self, key: &str) -> bool {
-        matches!(self.inner.shared.l1.get_bytes_now(key), Some(Ok(Some(_))))
+        self.inner.shared.l1_hit(key).is_some()
+    }
+
+    /// Whether this instance's subscription is confirmed live (it heard its own hello since
+    /// the last reconnect). While it is not, the L1 stays empty and every read goes to Redis.
+    pub fn subscription_confirmed(&self) -> bool {
+        self.inner.shared.coherence.is_confirmed()
+    }
+
+    /// Waits until [`subscription_confirmed`](Self::subscription_confirmed), at most
+    /// `timeout`; whether it is.
+    pub async fn wait_until_confirmed(&self, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !self.subscription_confirmed() {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
+    /// Rounds since this instance was built in which a reconnected subscription could not
+    /// be confirmed (a hello not heard back in time, a re-subscription refused). Rising
+    /// while [`subscription_confirmed`](Self::subscription_confirmed) stays false means the
+    /// instance cannot hear the others, and serves from Redis only, until it can.
+    pub fn subscription_failures(&self) -> u64 {
+        self.inner.shared.confirm_failures.load(Ordering::SeqCst)
     }
 
     /// Other instances' messages applied plus L1 resets so far.
@@ -225,8 +362,11 @@ impl TieredCacheService {
     /// call it when the instance is going away (dropping the last handle does the same).
     pub async fn shutdown(&self) {
         self.inner.listener.abort();
+        self.inner.confirmer.abort();
         let _ = self.inner.subscriber.quit().await;
-        // Nothing heard from now on: what the L1 holds may go stale, so drop it.
+        // Nothing heard from now on: what the L1 holds may go stale, so drop it, and keep
+        // it empty.
+        self.inner.shared.coherence.set_confirmed(false);
         self.inner.shared.reset();
     }
 
@@ -255,19 +395,6 @@ impl TieredCacheService {
                 )
             })
     }
-
-    fn l1_fill(&self, key: &str, envelope: &Envelope, epoch_before: u64) {
-        let shared = &self.inner.shared;
-        let ttl = envelope.remaining().min(shared.l1_max_ttl);
-        if ttl.is_zero() || shared.epoch.load(Ordering::SeqCst) != epoch_before {
-            return;
-        }
-        shared.l1.insert_for(key, envelope.payload.clone(), ttl);
-        // An invalidation that raced the fill: drop what was just put in.
-        if shared.epoch.load(Ordering::SeqCst) != epoch_before {
-            shared.l1.forget(key);
-        }
-    }
 }
 
 impl fmt::Debug for TieredCacheService {
@@ -289,10 +416,11 @@ impl CacheService for TieredCacheService {
     }
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        if let Some(Ok(Some(hit))) = self.inner.shared.l1.get_bytes_now(key) {
+        let shared = &self.inner.shared;
+        if let Some(hit) = shared.l1_hit(key) {
             return Ok(Some(hit));
         }
-        let epoch = self.inner.shared.epoch.load(Ordering::SeqCst);
+        let ticket = shared.coherence.ticket(key);
         let Some(stored) = self.inner.l2.get_bytes(key).await? else {
             return Ok(None);
         };
@@ -300,15 +428,13 @@ impl CacheService for TieredCacheService {
         if envelope.remaining().is_zero() {
             return Ok(None);
         }
-        self.l1_fill(key, &envelope, epoch);
+        shared.fill(key, &envelope, &ticket);
         Ok(Some(envelope.payload))
     }
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
-        match self.inner.shared.l1.get_bytes_now(key) {
-            Some(Ok(Some(hit))) => Some(Ok(Some(hit))),
-            _ => None, // a miss in L1 says nothing about L2
-        }
+        // A miss in L1 says nothing about L2.
+        self.inner.shared.l1_hit(key).map(|hit| Ok(Some(hit)))
     }
 
     async fn set_bytes(
@@ -319,32 +445,94 @@ impl CacheService for TieredCacheService {
     ) -> Result<(), CacheError> {
         let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
         let envelope = Envelope::new(value, ttl);
+        let shared = &self.inner.shared;
+        let ticket = shared.coherence.ticket(key);
         self.inner
             .l2
             .set_bytes(key, envelope.encode(), ttl_secs)
             .await?;
-        let shared = &self.inner.shared;
-        shared.epoch.fetch_add(1, Ordering::SeqCst);
-        shared
-            .l1
-            .insert_for(key, envelope.payload, ttl.min(shared.l1_max_ttl));
+        shared.own_write(key, envelope.payload, ttl, &ticket);
         self.publish(Operation::Key(key.to_owned()), key).await
     }
 
     async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
         self.inner.l2.invalidate(key).await?;
-        self.inner.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        self.inner.shared.coherence.touch(key);
         self.inner.shared.l1.forget(key);
         self.publish(Operation::Key(key.to_owned()), key).await
     }
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
         let removed = self.inner.l2.invalidate_prefix(prefix).await?;
-        self.inner.shared.epoch.fetch_add(1, Ordering::SeqCst);
+        self.inner.shared.coherence.touch_all();
         self.inner.shared.l1.invalidate_prefix(prefix).await?;
         self.publish(Operation::Prefix(prefix.to_owned()), prefix)
             .await?;
         Ok(removed)
+    }
+
+    async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        let shared = &self.inner.shared;
+        let mut request = std::borrow::Cow::Borrowed(request);
+        // Twice at most: a value found past its envelope's expiry is replaced by the lease.
+        for _ in 0..2 {
+            let ticket = shared.coherence.ticket(key);
+            match self.inner.l2.lease(key, &request).await? {
+                LeaseRead::Value { value, version } => {
+                    let envelope = match Envelope::decode(key, &value) {
+                        Ok(envelope) => envelope,
+                        Err(error) => return Ok(LeaseRead::Unreadable { error, version }),
+                    };
+                    if envelope.remaining().is_zero() {
+                        request.to_mut().replace = Some(version);
+                        continue;
+                    }
+                    shared.fill(key, &envelope, &ticket);
+                    return Ok(LeaseRead::Value {
+                        value: envelope.payload,
+                        version,
+                    });
+                }
+                LeaseRead::Granted(lease) => {
+                    // Whatever this L1 held for the key (an unusable copy) goes.
+                    shared.coherence.touch(key);
+                    shared.l1.forget(key);
+                    return Ok(LeaseRead::Granted(lease));
+                }
+                other => return Ok(other),
+            }
+        }
+        // It changed under us twice: let the caller ask again.
+        Ok(LeaseRead::Held {
+            remaining: Duration::ZERO,
+        })
+    }
+
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
+        let envelope = Envelope::new(value, ttl);
+        let shared = &self.inner.shared;
+        let ticket = shared.coherence.ticket(key);
+        let stored = self
+            .inner
+            .l2
+            .set_leased(key, lease, envelope.encode(), ttl_secs)
+            .await?;
+        // The key held our lease, so no instance holds a usable copy: nobody to tell.
+        if stored {
+            shared.own_write(key, envelope.payload, ttl, &ticket);
+        }
+        Ok(stored)
+    }
+
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        self.inner.l2.release_lease(key, lease).await
     }
 }
 
@@ -393,7 +581,10 @@ impl TieredCacheServiceBuilder {
             ));
         }
         let l1 = self.l1.build()?;
-        let (fred, server, _) = self.redis.fred_builder()?;
+        let (mut fred, server, _) = self.redis.fred_builder()?;
+        fred.with_performance_config(|perf| {
+            perf.broadcast_channel_capacity = SUBSCRIBER_CAPACITY;
+        });
         let bound = self.redis.connect_bound();
         let l2 = self.redis.build().await?;
         let subscriber = fred.build_subscriber_client().map_err(|e| {
@@ -426,16 +617,24 @@ impl TieredCacheServiceBuilder {
             l1,
             l1_max_ttl: self.l1_max_ttl,
             instance_id: instance_id(),
-            epoch: AtomicU64::new(0),
+            coherence: Coherence::new(),
             applied,
             resets: AtomicU64::new(0),
             malformed: AtomicU64::new(0),
+            confirm_failures: AtomicU64::new(0),
             heard_self,
+            reconfirm: Notify::new(),
         });
         let listener = tokio::spawn(listen(
             Arc::clone(&shared),
             subscriber.message_rx(),
             subscriber.reconnect_rx(),
+        ));
+        let confirmer = tokio::spawn(confirm(
+            Arc::clone(&shared),
+            l2.clone(),
+            subscriber.clone(),
+            channel.clone(),
         ));
         let service = TieredCacheService {
             inner: Arc::new(Inner {
@@ -444,6 +643,7 @@ impl TieredCacheServiceBuilder {
                 channel,
                 subscriber,
                 listener,
+                confirmer,
             }),
         };
         // Serve only once the subscription is known to be live: publish a hello and wait
@@ -474,6 +674,7 @@ impl TieredCacheServiceBuilder {
                 ));
             }
         }
+        service.inner.shared.coherence.set_confirmed(true);
         Ok(service)
     }
 }
