@@ -19,7 +19,9 @@ use std::time::Duration;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::load::{LoadError, LoadOptions, LoadSource};
+use bytes::Bytes;
+
+use crate::load::{LeaseRead, LeaseRequest, LoadError, LoadOptions, LoadSource};
 use crate::{CacheError, CacheService, CacheServiceExt, ConcurrencyService};
 
 /// Default freshness of a cached org context: 300 seconds.
@@ -299,10 +301,16 @@ impl<S: OrgStore> OrgResolver<S> {
         self.with_options(|o| o.load_timeout(timeout))
     }
 
-    /// Single flight across instances: concurrent misses of one org on many instances load
-    /// it once in all, under a lock of `locks` (shared by the instances, e.g. a
-    /// [`RedisConcurrencyService`](crate::RedisConcurrencyService) on the same Redis). See
-    /// [`LoadOptions::distributed_single_flight`].
+    /// Single flight across instances under a lock of `locks`, for a cache service without
+    /// leases. Every cache of this crate has leases, which give the same promise (many
+    /// instances missing one org load it once in all) with no lock and no extra key; there,
+    /// this changes nothing. See [`LoadOptions::distributed_single_flight`].
+    #[deprecated(
+        since = "0.2.0",
+        note = "cache-aside leases give every cachet backend a cross-instance single flight; \
+                the lock is used only by services without leases"
+    )]
+    #[allow(deprecated)]
     pub fn distributed_single_flight(self, locks: Arc<dyn ConcurrencyService>) -> Self {
         self.with_options(|o| o.distributed_single_flight(locks))
     }
@@ -390,7 +398,7 @@ impl<S: OrgStore> OrgResolver<S> {
             .await?;
         if let (Some(context), Some((stored, ttl))) = (&loaded.value, &loaded.written) {
             if let Some(other) = other_key(context) {
-                let _ = self.cache.set_bytes(&other, stored.clone(), *ttl).await;
+                self.fill_second_key(&key, &other, stored, *ttl).await;
             }
         }
         Ok(loaded.value.map(|context| Resolved {
@@ -399,18 +407,69 @@ impl<S: OrgStore> OrgResolver<S> {
         }))
     }
 
+    /// After a load of `first` wrote `stored` under its lease: the same context under the
+    /// org's other key, by the same lease rule, so that an `invalidate_org` meanwhile cannot
+    /// be overwritten.
+    ///
+    /// 1. lease `second` (if it holds a value, or another load holds it, leave it alone);
+    /// 2. write `stored` under that lease (dropped if `second` was touched since);
+    /// 3. read `first` back from the store that holds the truth: if it no longer holds what
+    ///    this load wrote, an invalidation overtook us after step 1 may have begun, so
+    ///    `second` is removed again.
+    ///
+    /// With [`invalidate_org`](Self::invalidate_org) removing slug, id, then slug again,
+    /// every interleaving ends with neither key holding a context from before the change
+    /// (the argument is in the method's docs).
+    async fn fill_second_key(&self, first: &str, second: &str, stored: &Bytes, ttl: Option<u64>) {
+        let cache = &*self.cache;
+        let lease = match cache.lease(second, &LeaseRequest::new()).await {
+            Ok(LeaseRead::Granted(lease)) => lease,
+            Ok(LeaseRead::Unsupported) => {
+                // A service without leases: as before them.
+                let _ = cache.set_bytes(second, stored.clone(), ttl).await;
+                return;
+            }
+            _ => return,
+        };
+        let mut lease = lease;
+        let written = cache.set_leased(second, &lease, stored.clone(), ttl).await;
+        lease.disarm();
+        if !matches!(written, Ok(true)) {
+            let _ = cache.release_lease(second, &lease).await;
+            return;
+        }
+        let intact = match cache.lease(first, &LeaseRequest::new()).await {
+            Ok(LeaseRead::Value { value, .. }) => value == *stored,
+            Ok(LeaseRead::Granted(mut check)) => {
+                check.disarm();
+                let _ = cache.release_lease(first, &check).await;
+                false
+            }
+            _ => false,
+        };
+        if !intact {
+            let _ = cache.invalidate(second).await;
+        }
+    }
+
     /// Removes the org's context under both keys (through a tiered cache, on every
     /// instance). Call it after the org changed in the store.
     ///
-    /// A load of either key running on this instance meanwhile is told, so that it does not
-    /// write the context from before the change back ([`crate::load::invalidate_in_flight`]).
+    /// It removes `org:<slug>`, then `org:id:<id>`, then `org:<slug>` again. A load of
+    /// either key that read the store before the change, on any instance, then cannot leave
+    /// either key holding the old context: its write-back under the first key's lease fails
+    /// if any of these removals of that key came first; otherwise the removal of its
+    /// second key that follows one of the first key (slug then id, or id then slug) either
+    /// voids its lease on the second key or finds the check of step 3 in
+    /// `fill_second_key` failing, or removes the second key after it was written.
     pub async fn invalidate_org(&self, slug: &str, id: &str) -> Result<(), CacheError> {
         let (slug_key, id_key) = (slug_key(slug), id_key(id));
         crate::load::invalidate_in_flight(&*self.cache, &slug_key);
         crate::load::invalidate_in_flight(&*self.cache, &id_key);
-        let slug_result = self.cache.invalidate(&slug_key).await;
-        let id_result = self.cache.invalidate(&id_key).await;
-        slug_result.and(id_result)
+        let first = self.cache.invalidate(&slug_key).await;
+        let second = self.cache.invalidate(&id_key).await;
+        let third = self.cache.invalidate(&slug_key).await;
+        first.and(second).and(third)
     }
 }
 

@@ -695,6 +695,7 @@ fn assert_every_key_expires(server: &RedisServer, what: &str) {
 /// 300 distinct unknown slugs through an `OrgResolver` with a cross-instance single flight:
 /// every key left on the server (negative entries, locks, whatever else) has an expiry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // the lock-based single flight leases replaced
 async fn unknown_orgs_under_distributed_single_flight_leave_no_key_without_expiry() {
     let server = RedisServer::start(); // every key on it is this test's
     let cache: Arc<dyn CacheService> = Arc::new(plain(&server.url()).await);
@@ -712,6 +713,7 @@ async fn unknown_orgs_under_distributed_single_flight_leave_no_key_without_expir
 /// The same with `LoadOptions::distributed_single_flight` through `get_or_load_with`, 300
 /// keys that load a value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(deprecated)] // the lock-based single flight leases replaced
 async fn distributed_single_flight_loads_leave_no_key_without_expiry() {
     let server = RedisServer::start();
     let cache = plain(&server.url()).await;

@@ -322,14 +322,11 @@ impl CacheService for MokaCacheService {
         }
         let mut removed = 0u64;
         for (step, key) in matching.iter().enumerate() {
-            // A lease is removed too (which voids it) but is not an entry to count.
+            // A key being loaded (its lease) is removed too, which voids the lease, and
+            // counts as one, as in Redis where the lease is a key of its own.
             let counted = {
                 let _write = self.stripes.lock(key);
-                self.cache.contains_key(key.as_str())
-                    && self
-                        .cache
-                        .remove(key.as_str())
-                        .is_some_and(|entry| entry.lease.is_none())
+                self.cache.contains_key(key.as_str()) && self.cache.remove(key.as_str()).is_some()
             };
             removed += u64::from(counted);
             if step % REMOVALS_PER_YIELD == REMOVALS_PER_YIELD - 1 {

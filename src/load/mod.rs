@@ -7,7 +7,8 @@
 //!   whose leader is cancelled (its request dropped) takes over instead of hanging.
 //! - A loader error is never cached. A cache that fails to read is treated as a miss and one
 //!   that fails to write does not fail the call (the loaded value is returned); both are
-//!   reported in [`Loaded::cache_error`]. Stored bytes that do not decode are a miss too, and
+//!   reported in [`Loaded::cache_error`]. A value loaded without a lease (the cache could
+//!   not be reached to take one) is returned but not written. Stored bytes that do not decode are a miss too, and
 //!   the fresh load overwrites them.
 //! - Negative caching (opt-in): a loader's `Ok(None)` ("not found") is cached for a short
 //!   time, so that unknown keys cannot hammer the store.
@@ -16,10 +17,13 @@
 //!   result says so ([`LoadSource::Stale`]). A value served this way is kept for a short
 //!   throttle time before the store is asked again, never past the grace period.
 //! - Bounded: the loader runs under a timeout (default 30 s), and waiters give up with it.
-//! - Across instances (opt-in, [`LoadOptions::distributed_single_flight`]): the leader of
-//!   each instance also takes a lock (a [`RedisConcurrencyService`](crate::RedisConcurrencyService)
-//!   shared by the instances) and reads the cache again once it holds it, so that N instances
-//!   missing one key at once load it once in all, not once each.
+//! - Leases ([`lease`]): a miss takes a short lease on the key in the store that holds the
+//!   truth (Redis for the Redis and tiered backends, the map in memory), and the loaded
+//!   value is written back only if the lease is still there. Any `set`, `invalidate` or
+//!   `invalidate_prefix` of the key meanwhile, from any instance, voids it: a slow load can
+//!   never write back a value that an invalidation overtook (its callers still get it,
+//!   while callers that joined it read again). The same lease is the single flight across
+//!   instances: a miss that finds another instance's live lease waits for its value.
 
 mod flight;
 pub mod frame;
@@ -127,24 +131,31 @@ impl LoadOptions {
         self
     }
 
-    /// Single flight across instances: before loading, this instance's leader takes the lock
-    /// `cachet:load:<key>` in `locks` (a lock service every instance shares, such as a
-    /// [`RedisConcurrencyService`](crate::RedisConcurrencyService) on the same Redis) and
-    /// reads the cache again once it holds it; the instances that waited find the value
-    /// there. Waiting for the lock counts against the load timeout. If the lock cannot be
-    /// had (the lock server is down, or the holder takes longer than the load timeout), the
-    /// instance loads anyway: the cross-instance flight is an optimisation, never a reason to
-    /// fail a request.
+    /// Single flight across instances under a lock, for a cache service *without* leases
+    /// (a custom [`CacheService`] that keeps the default [`CacheService::lease`]): before
+    /// loading, the leader takes `cachet:load:<key>` in `locks` (shared by the instances)
+    /// and reads the cache again once it holds it. If the lock cannot be had, it loads
+    /// anyway.
+    ///
+    /// Every cache of this crate has leases ([`lease`]): a miss leases the key in the store
+    /// that holds the truth, and the other instances wait for that load, so N instances
+    /// missing one key load it once in all with no lock, and no key is left behind without
+    /// an expiry. There the lock is not used at all.
     ///
     /// ```
+    /// # #![allow(deprecated)]
     /// use std::sync::Arc;
     /// use cachet::{ConcurrencyService, LoadOptions, LocalConcurrencyService};
     ///
-    /// // In production: RedisConcurrencyService::new(redis_url).await?, shared by instances.
     /// let locks: Arc<dyn ConcurrencyService> = Arc::new(LocalConcurrencyService::default());
     /// let options = LoadOptions::default().ttl_secs(300).distributed_single_flight(locks);
     /// assert!(options.is_distributed());
     /// ```
+    #[deprecated(
+        since = "0.2.0",
+        note = "cache-aside leases give every cachet backend a cross-instance single flight; \
+                the lock is used only by services without leases"
+    )]
     pub fn distributed_single_flight(mut self, locks: Arc<dyn ConcurrencyService>) -> Self {
         self.locks = Some(locks);
         self

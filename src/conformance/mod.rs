@@ -59,6 +59,15 @@ pub const CHECKS: &[&str] = &[
     "binary_value",
     "huge_value",
     "concurrent_tasks",
+    "lease_on_a_missing_key_reads_as_a_miss",
+    "lease_is_voided_by_set_invalidate_and_prefix",
+    "released_lease_frees_the_key",
+    "lease_expires_unless_renewed",
+    "renewal_never_takes_a_voided_lease",
+    "lease_replaces_only_the_value_seen",
+    "dropped_lease_is_released",
+    "load_overtaken_by_an_invalidation_is_not_cached",
+    "load_overtaken_by_a_set_keeps_the_set",
 ];
 
 /// Generates one `#[tokio::test]` per conformance check, each on a fresh service built by
@@ -99,7 +108,16 @@ macro_rules! conformance_tests {
             empty_value,
             binary_value,
             huge_value,
-            concurrent_tasks
+            concurrent_tasks,
+            lease_on_a_missing_key_reads_as_a_miss,
+            lease_is_voided_by_set_invalidate_and_prefix,
+            released_lease_frees_the_key,
+            lease_expires_unless_renewed,
+            renewal_never_takes_a_voided_lease,
+            lease_replaces_only_the_value_seen,
+            dropped_lease_is_released,
+            load_overtaken_by_an_invalidation_is_not_cached,
+            load_overtaken_by_a_set_keeps_the_set
         );
     };
     (@each $make:expr; $($check:ident),+) => {$(
@@ -206,7 +224,7 @@ impl OrgContext {
     }
 }
 
-fn ok<T>(what: &str, result: Result<T, CacheError>) -> T {
+pub(crate) fn ok<T>(what: &str, result: Result<T, CacheError>) -> T {
     match result {
         Ok(v) => v,
         Err(e) => panic!("{what}: unexpected error: {e}"),
@@ -710,95 +728,7 @@ pub async fn concurrent_tasks(cache: &dyn CacheService, prefix: &str) {
     assert_eq!(removed, 64 * 25);
 }
 
-pub mod model {
-    //! Operation sequences run on a service and on a plain `BTreeMap`, for property tests:
-    //! both must give the same [`Outcome`]s.
+mod leases;
+pub mod model;
 
-    use std::collections::BTreeMap;
-
-    use bytes::Bytes;
-
-    use crate::CacheService;
-
-    /// One cache call. Keys and prefixes are relative to the run's key prefix.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub enum Op {
-        /// `set_bytes(key, value, None)`.
-        Set(String, Vec<u8>),
-        /// `get_bytes(key)`.
-        Get(String),
-        /// `invalidate(key)`.
-        Invalidate(String),
-        /// `invalidate_prefix(prefix)`.
-        InvalidatePrefix(String),
-    }
-
-    /// What a call returned.
-    #[derive(Debug, Clone, PartialEq, Eq)]
-    pub enum Outcome {
-        /// A `set` succeeded.
-        Stored,
-        /// What a `get` returned.
-        Got(Option<Vec<u8>>),
-        /// An `invalidate` succeeded.
-        Invalidated,
-        /// How many entries an `invalidate_prefix` removed.
-        Removed(u64),
-        /// The call failed; the message.
-        Failed(String),
-    }
-
-    /// Runs `ops` on `cache`, every key under `prefix`.
-    pub async fn run_on_service(
-        cache: &dyn CacheService,
-        prefix: &str,
-        ops: &[Op],
-    ) -> Vec<Outcome> {
-        let mut out = Vec::with_capacity(ops.len());
-        for op in ops {
-            let outcome = match op {
-                Op::Set(k, v) => cache
-                    .set_bytes(&format!("{prefix}{k}"), Bytes::from(v.clone()), None)
-                    .await
-                    .map(|()| Outcome::Stored),
-                Op::Get(k) => cache
-                    .get_bytes(&format!("{prefix}{k}"))
-                    .await
-                    .map(|v| Outcome::Got(v.map(|b| b.to_vec()))),
-                Op::Invalidate(k) => cache
-                    .invalidate(&format!("{prefix}{k}"))
-                    .await
-                    .map(|()| Outcome::Invalidated),
-                Op::InvalidatePrefix(p) => cache
-                    .invalidate_prefix(&format!("{prefix}{p}"))
-                    .await
-                    .map(Outcome::Removed),
-            };
-            out.push(outcome.unwrap_or_else(|e| Outcome::Failed(e.to_string())));
-        }
-        out
-    }
-
-    /// Runs `ops` on a `BTreeMap`: the reference behaviour.
-    pub fn run_on_model(ops: &[Op]) -> Vec<Outcome> {
-        let mut map: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-        ops.iter()
-            .map(|op| match op {
-                Op::Set(k, v) => {
-                    map.insert(k.clone(), v.clone());
-                    Outcome::Stored
-                }
-                Op::Get(k) => Outcome::Got(map.get(k).cloned()),
-                Op::Invalidate(k) => {
-                    map.remove(k);
-                    Outcome::Invalidated
-                }
-                Op::InvalidatePrefix(p) => {
-                    let before = map.len();
-                    map.retain(|k, _| !k.starts_with(p.as_str()));
-                    Outcome::Removed((before - map.len()) as u64)
-                }
-            })
-            .collect()
-    }
-}
+pub use self::leases::*;
