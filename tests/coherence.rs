@@ -34,6 +34,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use cachet::conformance::unique_prefix;
 use cachet::envelope::Envelope;
+use cachet::load::{Lease, LeaseRead, LeaseRequest};
 use cachet::org::{OrgIdentity, OrgStore};
 use cachet::token::ValidToken;
 use cachet::{
@@ -520,6 +521,154 @@ async fn org_resolver_invalidate_org_on_a_is_not_undone_by_a_load_held_on_b() {
         let by_id = orgs.by_id("42").await.unwrap().unwrap();
         assert_eq!(by_id.context, new_row, "{name}.by_id ({:?})", by_id.source);
     }
+}
+
+/// A cache that holds one chosen call (the `nth` call of `method` on `key`) at a gate, and
+/// forwards everything: a way to stop `OrgResolver` between the steps of its second-key
+/// write.
+struct PauseAt {
+    inner: Arc<dyn CacheService>,
+    method: &'static str,
+    key: &'static str,
+    nth: usize,
+    seen: std::sync::atomic::AtomicUsize,
+    gate: Arc<Gate>,
+}
+
+impl std::fmt::Debug for PauseAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PauseAt")
+            .field("method", &self.method)
+            .finish()
+    }
+}
+
+impl PauseAt {
+    async fn maybe_pause(&self, method: &str, key: &str) {
+        if method == self.method
+            && key == self.key
+            && self.seen.fetch_add(1, Ordering::SeqCst) + 1 == self.nth
+        {
+            self.gate.pause().await;
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl CacheService for PauseAt {
+    async fn get_bytes(&self, key: &str) -> Result<Option<bytes::Bytes>, CacheError> {
+        self.inner.get_bytes(key).await
+    }
+    fn get_bytes_now(&self, key: &str) -> Option<Result<Option<bytes::Bytes>, CacheError>> {
+        self.inner.get_bytes_now(key)
+    }
+    async fn set_bytes(
+        &self,
+        key: &str,
+        value: bytes::Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<(), CacheError> {
+        self.inner.set_bytes(key, value, ttl_secs).await
+    }
+    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
+        self.inner.invalidate(key).await
+    }
+    async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+        self.inner.invalidate_prefix(prefix).await
+    }
+    async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        self.maybe_pause("lease", key).await;
+        self.inner.lease(key, request).await
+    }
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: bytes::Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        self.maybe_pause("set_leased", key).await;
+        self.inner.set_leased(key, lease, value, ttl_secs).await
+    }
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        self.inner.release_lease(key, lease).await
+    }
+}
+
+/// B loads acme by slug; its write of the second key (`org:id:42`) is held at one of its
+/// steps while acme changes and A calls `invalidate_org`. Whatever the step, no key may
+/// serve the old context afterwards on either instance.
+async fn second_key_write_held_at(method: &'static str, key: &'static str, nth: usize) {
+    let bus = Bus::new(&shared_server().url(), 2).await;
+    let namespace = unique_prefix("org-second-key").replace(':', "-");
+    let db = Arc::new(Db::default());
+    db.put("42", "acme", "pro");
+    let gate = Arc::new(Gate::default());
+    let namespaced = |instance: &TieredCacheService| -> Arc<dyn CacheService> {
+        let cache: Arc<dyn CacheService> = Arc::new(instance.clone());
+        Arc::new(NamespacedCacheService::new(cache, namespace.clone()).unwrap())
+    };
+    let on_a =
+        OrgResolver::new(namespaced(&bus.observers[0]), Store(Arc::clone(&db))).ttl_secs(TTL);
+    let paused: Arc<dyn CacheService> = Arc::new(PauseAt {
+        inner: namespaced(&bus.observers[1]),
+        method,
+        key,
+        nth,
+        seen: Default::default(),
+        gate: Arc::clone(&gate),
+    });
+    let on_b = Arc::new(OrgResolver::new(paused, Store(Arc::clone(&db))).ttl_secs(TTL));
+    let b_load = {
+        let on_b = Arc::clone(&on_b);
+        tokio::spawn(async move { on_b.by_slug("acme").await })
+    };
+    gate.reached().await;
+    db.put("42", "acme", "enterprise");
+    on_a.invalidate_org("acme", "42").await.unwrap();
+    gate.open();
+    let answered = tokio::time::timeout(HANG, b_load)
+        .await
+        .expect("B hung")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        answered.unwrap().context.plan,
+        "pro",
+        "B asked before the change"
+    );
+    bus.settle().await;
+    let new_row = db.row("acme").unwrap();
+    for (name, orgs) in [("A", &on_a), ("B", &*on_b)] {
+        for key in ["org:acme", "org:id:42"] {
+            let cached = orgs.cache().get::<OrgContext>(key).await.unwrap();
+            assert!(
+                cached.as_ref().is_none_or(|c| *c == new_row),
+                "held at {method} {key} #{nth}: {name} serves {cached:?} under {key}"
+            );
+        }
+        assert_eq!(orgs.by_id("42").await.unwrap().unwrap().context, new_row);
+        assert_eq!(
+            orgs.by_slug("acme").await.unwrap().unwrap().context,
+            new_row
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_org_before_the_second_key_is_leased_leaves_it_clean() {
+    second_key_write_held_at("lease", "org:id:42", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_org_before_the_second_key_is_written_leaves_it_clean() {
+    second_key_write_held_at("set_leased", "org:id:42", 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalidate_org_after_the_second_key_is_written_leaves_it_clean() {
+    // The second lease call on the slug key is the check that it still holds B's write.
+    second_key_write_held_at("lease", "org:acme", 2).await;
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -603,3 +603,184 @@ async fn a_dead_redis_still_serves_the_loader_value_within_the_bound() {
         Some(acme("pro"))
     );
 }
+
+/// Separate services on one Redis (each its own process-local flight): a stampede on all of
+/// them at once loads once in all, through the lease alone (no lock service).
+async fn instances_missing_one_key_load_once(make: fn(String) -> BoxedService) {
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(make(standalone().url()).await);
+    }
+    let key = format!("{}org:acme", unique_prefix("lease-flight"));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..150 {
+        let (cache, key, loads) = (
+            Arc::clone(&instances[i % 3]),
+            key.clone(),
+            Arc::clone(&loads),
+        );
+        tasks.push(tokio::spawn(async move {
+            cache
+                .get_or_load(&key, Some(300), || async {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok::<_, StoreDown>(acme("pro"))
+                })
+                .await
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), acme("pro"));
+    }
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "three instances, one load in all"
+    );
+}
+
+type BoxedService = std::pin::Pin<Box<dyn std::future::Future<Output = Arc<dyn CacheService>>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_redis_instances_missing_one_key_load_once() {
+    instances_missing_one_key_load_once(|url| Box::pin(redis(url))).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiered_instances_missing_one_key_load_once() {
+    instances_missing_one_key_load_once(|url| Box::pin(tiered(url))).await;
+}
+
+/// An instance that died holding a lease (here: a lease written by hand, as a dead process
+/// leaves it) holds the others up only until the lease ends; then one of them loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_left_by_a_dead_instance_ends_and_the_next_caller_loads() {
+    let cache = redis(standalone().url()).await;
+    let key = format!("{}org:acme", unique_prefix("dead-holder"));
+    standalone().cli(&["HSET", &key, "cachet-lease", "token-of-a-dead-process"]);
+    standalone().cli(&["PEXPIRE", &key, "1500"]);
+    let loads = AtomicUsize::new(0);
+    let started = Instant::now();
+    let loaded = cache
+        .get_or_load_with(&key, &LoadOptions::default().ttl_secs(60), || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, StoreDown>(Some(acme("pro")))
+        })
+        .await
+        .unwrap();
+    assert!(started.elapsed() < HANG, "bound on a hang");
+    assert_eq!(loaded.value, Some(acme("pro")));
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        cache.get::<OrgContext>(&key).await.unwrap(),
+        Some(acme("pro"))
+    );
+}
+
+/// A load whose caller goes away (its future dropped mid-load) releases its lease: another
+/// instance loads at once instead of waiting out the lease, and nothing is left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_load_releases_its_lease_for_the_other_instances() {
+    let (a, b) = (
+        redis(standalone().url()).await,
+        redis(standalone().url()).await,
+    );
+    let key = format!("{}org:acme", unique_prefix("cancelled"));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let pending = {
+        let (a, key, started) = (Arc::clone(&a), key.clone(), Arc::clone(&started));
+        tokio::spawn(async move {
+            a.get_or_load(&key, Some(60), || async move {
+                started.notify_one();
+                std::future::pending::<Result<OrgContext, StoreDown>>().await
+            })
+            .await
+        })
+    };
+    tokio::time::timeout(HANG, started.notified())
+        .await
+        .unwrap();
+    assert_eq!(
+        standalone().cli(&["TYPE", &key]).trim(),
+        "hash",
+        "A holds the lease"
+    );
+    pending.abort();
+    let _ = pending.await;
+    let deadline = Instant::now() + HANG;
+    while standalone().cli(&["EXISTS", &key]).trim() != "0" {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped load's lease was not released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let loaded = b
+        .get_or_load_with(&key, &LoadOptions::default().ttl_secs(60), || async {
+            Ok::<_, StoreDown>(Some(acme("pro")))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.source, LoadSource::Loader);
+}
+
+/// A loader slower than the lease keeps it by renewing: another instance waits for its
+/// value instead of loading a second time, and the write-back is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_longer_than_the_lease_renews_it() {
+    let (a, b) = (
+        redis(standalone().url()).await,
+        redis(standalone().url()).await,
+    );
+    let key = format!("{}org:slow", unique_prefix("renew"));
+    let loads = Arc::new(AtomicUsize::new(0));
+    let slow = cachet::load::DEFAULT_LEASE_TTL * 2;
+    let first = {
+        let (a, key, loads) = (Arc::clone(&a), key.clone(), Arc::clone(&loads));
+        tokio::spawn(async move {
+            a.get_or_load(&key, Some(60), || async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(slow).await;
+                Ok::<_, StoreDown>(acme("slow"))
+            })
+            .await
+        })
+    };
+    while standalone().cli(&["TYPE", &key]).trim() != "hash" {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let loaded = b
+        .get_or_load_with(&key, &LoadOptions::default().ttl_secs(60), || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, StoreDown>(Some(acme("second load")))
+        })
+        .await
+        .unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), acme("slow"));
+    assert_eq!(loaded.value, Some(acme("slow")));
+    assert_eq!(loaded.source, LoadSource::Joined);
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+}
+
+/// A key holding a Redis type cachet never writes (someone's list) is not mistaken for a
+/// lease: reads are a miss, a load is returned but not written over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_key_type_is_a_miss_and_is_left_alone() {
+    let cache = redis(standalone().url()).await;
+    let key = format!("{}list", unique_prefix("foreign"));
+    standalone().cli(&["RPUSH", &key, "a", "b"]);
+    assert_eq!(cache.get_bytes(&key).await.unwrap(), None);
+    let loaded = cache
+        .get_or_load_with(&key, &LoadOptions::default().ttl_secs(60), || async {
+            Ok::<_, StoreDown>(Some(acme("pro")))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded.value, Some(acme("pro")));
+    assert!(
+        loaded.cache_error.is_some(),
+        "the lease failure is reported"
+    );
+    assert_eq!(standalone().cli(&["LLEN", &key]).trim(), "2", "left alone");
+}

@@ -324,3 +324,115 @@ async fn instances_on_a_cluster_see_each_others_writes() {
         );
     }
 }
+
+/// Until an instance hears its own hello on a re-established subscription, its L1 stays
+/// empty (every read goes to Redis), and a subscription that cannot be re-established is
+/// counted, never silent. The server refuses the subscription (ACL) after a kill of every
+/// pub/sub connection, then allows it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnected_subscription_is_confirmed_before_the_l1_fills_again() {
+    let server = RedisServer::start();
+    let channel = cachet::conformance::unique_prefix("confirm");
+    let a = instance(server.url(), &channel).await;
+    let b = instance(server.url(), &channel).await;
+    assert!(b.subscription_confirmed());
+    a.set("k", &1, None).await.unwrap();
+    assert!(b.wait_for_invalidations(1, DELIVERY).await);
+    assert_eq!(b.get::<i32>("k").await.unwrap(), Some(1));
+    assert!(b.cached_locally("k"));
+    let failures = b.subscription_failures();
+
+    server.cli(&["ACL", "SETUSER", "default", "resetchannels"]);
+    server.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while b.subscription_confirmed() || b.subscription_failures() <= failures {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lost subscription was neither noticed nor counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!b.cached_locally("k"), "the L1 was cleared on reconnect");
+    assert_eq!(
+        b.get::<i32>("k").await.unwrap(),
+        Some(1),
+        "served from Redis"
+    );
+    assert!(
+        !b.cached_locally("k"),
+        "an unconfirmed subscription must not fill the L1"
+    );
+
+    server.cli(&["ACL", "SETUSER", "default", "allchannels"]);
+    assert!(
+        b.wait_until_confirmed(Duration::from_secs(20)).await,
+        "the subscription came back but was never confirmed ({} failed rounds)",
+        b.subscription_failures()
+    );
+    assert_eq!(b.get::<i32>("k").await.unwrap(), Some(1));
+    assert!(b.cached_locally("k"), "fills again once confirmed");
+    assert!(a.wait_until_confirmed(Duration::from_secs(20)).await);
+    let before = b.invalidations_applied();
+    a.set("k", &2, None).await.unwrap();
+    assert!(b.wait_for_invalidations(before + 1, DELIVERY).await);
+    assert_eq!(b.get::<i32>("k").await.unwrap(), Some(2));
+}
+
+/// A burst of thousands of messages does not make the listener fall behind (which would
+/// clear the whole L1): the subscriber's buffer holds bursts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_invalidations_does_not_clear_the_l1() {
+    let (all, prefix) = instances(2).await;
+    let (a, b) = (&all[0], &all[1]);
+    let hot = format!("{prefix}hot");
+    a.set(&hot, &"ctx", None).await.unwrap();
+    assert!(b.wait_for_invalidations(1, DELIVERY).await);
+    assert_eq!(b.get::<String>(&hot).await.unwrap().as_deref(), Some("ctx"));
+    let (resets, applied) = (b.l1_resets(), b.invalidations_applied());
+    const BURST: u64 = 3_000;
+    let keys: Vec<String> = (0..BURST).map(|i| format!("{prefix}other:{i}")).collect();
+    for chunk in keys.chunks(500) {
+        let sends = chunk.iter().map(|key| a.invalidate(key));
+        for sent in futures_util::future::join_all(sends).await {
+            sent.unwrap();
+        }
+    }
+    assert!(b.wait_for_invalidations(applied + BURST, DELIVERY).await);
+    assert_eq!(b.l1_resets(), resets, "the listener fell behind");
+    assert!(
+        b.cached_locally(&hot),
+        "an unrelated hot key stays in the L1"
+    );
+}
+
+/// A prefix invalidation from another instance hides every L1 entry under the prefix as
+/// soon as its message is applied, even while the scan that removes them still runs on a
+/// task of its own; entries outside it stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_prefix_invalidation_hides_its_entries_at_once() {
+    let (all, prefix) = instances(2).await;
+    let (a, b) = (&all[0], &all[1]);
+    let under = |i: usize| format!("{prefix}tenant:{i}");
+    let outside = format!("{prefix}other");
+    for i in 0..2_000 {
+        b.set(&under(i), &i, None).await.unwrap();
+    }
+    b.set(&outside, &"keep", None).await.unwrap();
+    assert!(b.cached_locally(&under(0)) && b.cached_locally(&under(1_999)));
+    let applied = b.invalidations_applied();
+    assert_eq!(
+        a.invalidate_prefix(&format!("{prefix}tenant:"))
+            .await
+            .unwrap(),
+        2_000
+    );
+    assert!(b.wait_for_invalidations(applied + 1, DELIVERY).await);
+    for i in (0..2_000).step_by(97) {
+        assert!(
+            !b.cached_locally(&under(i)),
+            "key {i} still served from the L1"
+        );
+        assert_eq!(b.get::<usize>(&under(i)).await.unwrap(), None);
+    }
+    assert!(b.cached_locally(&outside));
+}
