@@ -100,7 +100,7 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// many were removed. `*`, `?`, `[`, `]` and `\` are ordinary characters here.
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError>;
 
-    /// Cache-aside's lease (see [`load::lease`](crate::load::lease)): the value stored under
+    /// Cache-aside's lease (see [`crate::load::lease`]): the value stored under
     /// `key`, read from the store that holds the truth (never a local copy), or, when there
     /// is none (or it is the unusable value `request.replace` names), a lease on the key for
     /// `request.token`, stored in the key itself so that any change to the key voids it.
@@ -307,7 +307,7 @@ pub trait CacheServiceExt: CacheService {
 
     /// Cache-aside with options: negative caching of "not found" (`loader` returns
     /// `Ok(None)`), fail-safe (serve the last known value when the loader fails), a load
-    /// timeout; the result says where the value came from ([`LoadSource`]) and which cache
+    /// timeout; the result says where the value came from ([`LoadSource`](crate::LoadSource)) and which cache
     /// error, if any, was worked around. Single flight as in
     /// [`get_or_load`](Self::get_or_load).
     ///

@@ -51,8 +51,12 @@ const SCHEMES: &[&str] = &[
 /// never a hang; the client reconnects in the background, and the same service works again
 /// once the server is back.
 ///
+/// The guarantee: a read that starts after a `set`, `invalidate` or `invalidate_prefix`
+/// returned sees that write or a later one, on every instance; a cache-aside load overtaken
+/// by one of them does not write back (see [`crate::load::lease`]).
+///
 /// A key is stored under exactly its name (one Redis key per entry) unless a namespace is
-/// configured; `None` as TTL stores it with the default TTL; `invalidate_prefix` runs `SCAN
+/// configured; a key being loaded holds a lease (a hash, which reads as a miss); `None` as TTL stores it with the default TTL; `invalidate_prefix` runs `SCAN
 /// MATCH` on the escaped literal prefix (on every primary of a cluster) and `UNLINK`s what it
 /// finds in batches, grouped by hash slot.
 ///
