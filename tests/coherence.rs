@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use cachet::backend::tiered::InvalidationMode;
 use cachet::conformance::unique_prefix;
 use cachet::envelope::Envelope;
 use cachet::load::{Lease, LeaseRead, LeaseRequest};
@@ -72,8 +73,9 @@ async fn plain(url: &str) -> RedisCacheService {
     redis_settings(url).build().await.expect("redis instance")
 }
 
-async fn tiered(url: &str, channel_prefix: &str) -> TieredCacheService {
+async fn tiered(url: &str, channel_prefix: &str, mode: InvalidationMode) -> TieredCacheService {
     TieredCacheService::builder(redis_settings(url))
+        .invalidation(mode)
         .channel_prefix(channel_prefix)
         .build()
         .await
@@ -107,13 +109,21 @@ struct Bus {
 }
 
 impl Bus {
+    /// Instances in bus mode.
     async fn new(url: &str, instances: usize) -> Bus {
+        Bus::with_mode(url, instances, InvalidationMode::Bus).await
+    }
+
+    /// Instances in `mode` (with tracking, the "bus" is the server's invalidations).
+    async fn with_mode(url: &str, instances: usize, mode: InvalidationMode) -> Bus {
         let channel = unique_prefix("coherence-bus");
         let mut observers = Vec::new();
         for _ in 0..instances {
-            observers.push(tiered(url, &channel).await);
+            let instance = tiered(url, &channel, mode).await;
+            assert_eq!(instance.invalidation_mode(), mode);
+            observers.push(instance);
         }
-        let probe = tiered(url, &channel).await;
+        let probe = tiered(url, &channel, mode).await;
         Bus { observers, probe }
     }
 
@@ -227,8 +237,8 @@ impl Pair {
         }
     }
 
-    async fn tiered() -> Pair {
-        let bus = Bus::new(&shared_server().url(), 2).await;
+    async fn tiered(mode: InvalidationMode) -> Pair {
+        let bus = Bus::with_mode(&shared_server().url(), 2, mode).await;
         Pair {
             a: Arc::new(bus.observers[0].clone()),
             b: Arc::new(bus.observers[1].clone()),
@@ -369,7 +379,12 @@ mod stale_write_back_redis {
 
 /// Two `TieredCacheService` instances on one Redis and one channel.
 mod stale_write_back_tiered {
-    stale_write_back_tests!(super::Pair::tiered().await);
+    stale_write_back_tests!(super::Pair::tiered(super::InvalidationMode::Bus).await);
+}
+
+/// The same with client tracking.
+mod stale_write_back_tracking {
+    stale_write_back_tests!(super::Pair::tiered(super::InvalidationMode::Tracking).await);
 }
 
 /// One `MokaCacheService`, two tasks.
@@ -749,9 +764,20 @@ async fn token_cache_token_revoked_on_a_is_not_cached_again_by_a_validation_held
 /// message, A, B and Redis must hold the same value.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_sets_on_two_tiered_instances_leave_both_serving_what_redis_holds() {
+    concurrent_sets(InvalidationMode::Bus).await;
+}
+
+/// The same with tracking (there, an own write does not fill the L1 and no message is
+/// waited for: the server tells a reader, and these instances read only after both sets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sets_with_tracking_leave_both_serving_what_redis_holds() {
+    concurrent_sets(InvalidationMode::Tracking).await;
+}
+
+async fn concurrent_sets(mode: InvalidationMode) {
     const ROUNDS: usize = 200;
     let url = shared_server().url();
-    let bus = Bus::new(&url, 2).await;
+    let bus = Bus::with_mode(&url, 2, mode).await;
     let (a, b) = (bus.observers[0].clone(), bus.observers[1].clone());
     let raw = plain(&url).await;
     let prefix = unique_prefix("concurrent-sets");
@@ -776,6 +802,9 @@ async fn concurrent_sets_on_two_tiered_instances_leave_both_serving_what_redis_h
             write.await.unwrap().unwrap();
         }
         for (name, instance, seen) in [("A", &a, before[0]), ("B", &b, before[1])] {
+            if mode == InvalidationMode::Tracking {
+                break;
+            }
             assert!(
                 instance.wait_for_invalidations(seen + 1, HANG).await,
                 "round {round}: {name} never applied the other instance's message"
@@ -1155,8 +1184,8 @@ struct Group {
 }
 
 impl Group {
-    async fn tiered(name: &str, url: &str, bounds: Bounds) -> Group {
-        let bus = Bus::new(url, 3).await;
+    async fn tiered(name: &str, url: &str, bounds: Bounds, mode: InvalidationMode) -> Group {
+        let bus = Bus::with_mode(url, 3, mode).await;
         Group {
             name: name.to_owned(),
             instances: bus
@@ -1462,6 +1491,7 @@ fn inject_faults(
     server: Arc<RedisServer>,
     until: Instant,
     seed: u64,
+    kill: &'static str,
 ) -> std::thread::JoinHandle<(u64, u64)> {
     std::thread::spawn(move || {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -1473,7 +1503,7 @@ fn inject_faults(
                 break;
             }
             std::thread::sleep(pause);
-            if let Ok(n) = server.command(&["CLIENT", "KILL", "TYPE", "pubsub"]) {
+            if let Ok(n) = server.command(&["CLIENT", "KILL", "TYPE", kill]) {
                 killed += n.parse::<u64>().unwrap_or(0);
             }
             if rng.random_bool(0.3) && server.command(&["CLIENT", "PAUSE", "300", "WRITE"]).is_ok()
@@ -1499,9 +1529,19 @@ async fn checker_in_memory_reads_are_never_older_than_a_completed_write() {
 /// [`NO_COPIES`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_tiered_and_plain_redis_without_faults() {
+    checker_without_faults(InvalidationMode::Bus, "tiered").await;
+}
+
+/// The same with client tracking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_tracking_and_plain_redis_without_faults() {
+    checker_without_faults(InvalidationMode::Tracking, "tracking").await;
+}
+
+async fn checker_without_faults(mode: InvalidationMode, name: &str) {
     let url = shared_server().url();
     let seed = seed();
-    let tiered = Group::tiered("tiered", &url, TIERED).await;
+    let tiered = Group::tiered(name, &url, TIERED, mode).await;
     let plain = Group::plain("plain redis", &url).await;
     let duration = run_time();
     let (a, b) = tokio::join!(
@@ -1517,19 +1557,30 @@ async fn checker_tiered_and_plain_redis_without_faults() {
 /// leaves out, but cannot make a completed write undone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_tiered_and_plain_redis_with_subscriber_kills_and_write_pauses() {
+    checker_with_faults(InvalidationMode::Bus, "tiered, faults", "pubsub").await;
+}
+
+/// The same with client tracking; the connections killed are the tracked ones (and every
+/// other normal connection: the plain instances' too).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_tracking_and_plain_redis_with_connection_kills_and_write_pauses() {
+    checker_with_faults(InvalidationMode::Tracking, "tracking, faults", "normal").await;
+}
+
+async fn checker_with_faults(mode: InvalidationMode, name: &str, kill: &'static str) {
     let server = Arc::new(RedisServer::start());
     let seed = seed();
-    let tiered = Group::tiered("tiered, faults", &server.url(), TIERED_FAULTS).await;
+    let tiered = Group::tiered(name, &server.url(), TIERED_FAULTS, mode).await;
     let plain = Group::plain("plain redis, faults", &server.url()).await;
     let duration = run_time();
-    let faults = inject_faults(Arc::clone(&server), Instant::now() + duration, seed);
+    let faults = inject_faults(Arc::clone(&server), Instant::now() + duration, seed, kill);
     let (a, b) = tokio::join!(
         run_checker(tiered, duration, seed),
         run_checker(plain, duration, seed.rotate_left(17))
     );
     let (killed, pauses) = faults.join().expect("fault injector");
-    println!("faults: {killed} subscriber connections killed, {pauses} write pauses");
-    assert!(killed > 0, "the fault injector killed no subscriber");
+    println!("faults: {killed} {kill} connections killed, {pauses} write pauses");
+    assert!(killed > 0, "the fault injector killed no {kill} connection");
     conclude(&[a, b]);
 }
 
@@ -1537,9 +1588,19 @@ async fn checker_tiered_and_plain_redis_with_subscriber_kills_and_write_pauses()
 /// [`TIERED_FAULTS`] and [`NO_COPIES`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_tiered_and_plain_redis_across_a_server_restart() {
+    checker_across_a_restart(InvalidationMode::Bus, "tiered, restart").await;
+}
+
+/// The same with client tracking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checker_tracking_and_plain_redis_across_a_server_restart() {
+    checker_across_a_restart(InvalidationMode::Tracking, "tracking, restart").await;
+}
+
+async fn checker_across_a_restart(mode: InvalidationMode, name: &str) {
     let server = Arc::new(RedisServer::start());
     let seed = seed();
-    let tiered = Group::tiered("tiered, restart", &server.url(), TIERED_FAULTS).await;
+    let tiered = Group::tiered(name, &server.url(), TIERED_FAULTS, mode).await;
     let plain = Group::plain("plain redis, restart", &server.url()).await;
     let duration = run_time();
     let pid_before = server.pid();

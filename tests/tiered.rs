@@ -8,6 +8,7 @@ mod support;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use cachet::backend::tiered::InvalidationMode;
 use cachet::{CacheService, CacheServiceExt, RedisCacheService, TieredCacheService};
 use support::{RedisCluster, RedisServer};
 
@@ -18,8 +19,11 @@ fn standalone() -> &'static RedisServer {
     SERVER.get_or_init(RedisServer::start)
 }
 
+/// A bus-mode instance: this file checks the pub/sub bus (tests/tracking.rs checks the
+/// tracking mode).
 async fn instance(url: String, channel_prefix: &str) -> TieredCacheService {
     TieredCacheService::builder(RedisCacheService::builder(url))
+        .invalidation(InvalidationMode::Bus)
         .channel_prefix(channel_prefix)
         .build()
         .await
@@ -163,8 +167,8 @@ async fn an_instance_skips_its_own_messages() {
 async fn a_malformed_message_is_ignored() {
     let (all, prefix) = instances(2).await;
     let (a, b) = (&all[0], &all[1]);
-    standalone().cli(&["PUBLISH", b.channel(), "garbage"]);
-    standalone().cli(&["PUBLISH", b.channel(), "CI\u{1}short"]);
+    standalone().cli(&["PUBLISH", b.channel().unwrap(), "garbage"]);
+    standalone().cli(&["PUBLISH", b.channel().unwrap(), "CI\u{1}short"]);
     let key = format!("{prefix}k");
     a.set(&key, &1, None).await.unwrap();
     assert!(
@@ -202,11 +206,13 @@ async fn a_redis_restart_clears_every_l1_and_service_recovers() {
             .reconnect_backoff(Duration::from_millis(20), Duration::from_millis(200))
     };
     let a = TieredCacheService::builder(fast())
+        .invalidation(InvalidationMode::Bus)
         .channel_prefix(&channel)
         .build()
         .await
         .unwrap();
     let b = TieredCacheService::builder(fast())
+        .invalidation(InvalidationMode::Bus)
         .channel_prefix(&channel)
         .build()
         .await
@@ -275,7 +281,7 @@ async fn settings_choose_the_tiered_backend_with_an_l1_ttl() {
 async fn shutdown_or_drop_stops_the_listener_and_subscription() {
     let channel_prefix = cachet::conformance::unique_prefix("drop");
     let a = instance(standalone().url(), &channel_prefix).await;
-    let channel = a.channel().to_owned();
+    let channel = a.channel().unwrap().to_owned();
     let subscribers = || {
         let reply = standalone().cli(&["PUBSUB", "NUMSUB", &channel]);
         reply.lines().last().unwrap_or("").trim().to_owned()

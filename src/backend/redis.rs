@@ -158,6 +158,7 @@ impl RedisCacheService {
             reconnect_max_delay: Duration::from_secs(2),
             reconnect_max_attempts: 0,
             tls_root_certificates_pem: None,
+            resp3: false,
         }
     }
 
@@ -169,6 +170,16 @@ impl RedisCacheService {
     /// The server(s) this service talks to, as errors name them.
     pub fn server(&self) -> &str {
         &self.inner.server
+    }
+
+    /// The namespace put before every key (`""` for none).
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// Every connection's client (one, or the pool's).
+    pub(crate) fn clients(&self) -> Vec<Client> {
+        self.inner.connection.clients()
     }
 
     /// The underlying `fred` client (one of the pool's, if a pool is configured), for
@@ -579,6 +590,7 @@ pub struct RedisCacheServiceBuilder {
     reconnect_max_delay: Duration,
     reconnect_max_attempts: u32,
     tls_root_certificates_pem: Option<Vec<u8>>,
+    resp3: bool,
 }
 
 impl fmt::Debug for RedisCacheServiceBuilder {
@@ -664,6 +676,12 @@ impl RedisCacheServiceBuilder {
         self
     }
 
+    /// Speak RESP3 (needed for client tracking; the tiered cache asks for it).
+    pub(crate) fn resp3(mut self, on: bool) -> Self {
+        self.resp3 = on;
+        self
+    }
+
     /// Checks the settings and makes the `fred` builder they describe, with the server
     /// label and whether it is a cluster.
     pub(crate) fn fred_builder(&self) -> Result<(Builder, String, bool), CacheError> {
@@ -712,6 +730,9 @@ impl RedisCacheServiceBuilder {
                 ));
             }
             config.tls = Some(tls_with_roots(pem)?);
+        }
+        if self.resp3 {
+            config.version = fred::types::RespVersion::RESP3;
         }
         let server = describe_server(&config);
         let clustered = config.server.is_clustered();

@@ -98,7 +98,13 @@ impl Coherence {
         self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Marks the invalidation stream live (or not). Going live also voids every ticket
+    /// taken before: a read sent while the stream was not yet live may have missed the
+    /// message of a write that followed it.
     pub(super) fn set_confirmed(&self, confirmed: bool) {
+        if confirmed {
+            self.touch_all();
+        }
         self.confirmed.store(confirmed, Ordering::SeqCst);
     }
 
@@ -174,7 +180,15 @@ mod tests {
     #[test]
     fn nothing_is_valid_while_unconfirmed_and_pending_prefixes_hide_hits() {
         let c = Coherence::new();
-        assert!(!c.still_valid(&c.ticket("k")));
+        let before = c.ticket("k");
+        assert!(!c.still_valid(&before));
+        c.set_confirmed(true);
+        assert!(
+            !c.still_valid(&before),
+            "a read sent before the stream was live"
+        );
+        assert!(c.still_valid(&c.ticket("k")));
+        c.set_confirmed(false);
         let prefix: Arc<str> = Arc::from("org:");
         c.begin_prefix(Arc::clone(&prefix));
         assert!(c.is_pending("org:acme"));

@@ -3,28 +3,29 @@
 //! against per-key versions (the `coherence` module) so that no write path can put a value into the
 //! L1 that a concurrent write or invalidation overtook.
 
+mod builder;
+mod bus;
 mod coherence;
+mod shared;
+mod tracking;
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::clients::SubscriberClient;
-use fred::prelude::{ClientLike, EventInterface, PubsubInterface};
-use tokio::sync::{Notify, broadcast, watch};
-use tokio::task::JoinHandle;
 
-use self::coherence::{Coherence, Ticket};
+pub use self::builder::{InvalidationMode, TieredCacheServiceBuilder};
+pub use self::bus::SUBSCRIBER_CAPACITY;
+pub use self::coherence::STRIPES;
+use self::shared::Shared;
 use crate::envelope::Envelope;
-use crate::invalidation::{self, Message, Operation};
+use crate::invalidation::Operation;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::service::resolve_ttl;
-use crate::{
-    CacheError, CacheService, MokaCacheService, RedisCacheService, RedisCacheServiceBuilder,
-};
+use crate::{CacheError, CacheService, RedisCacheService, RedisCacheServiceBuilder};
 
 /// Default longest life of an L1 entry: it bounds how stale an instance can be if an
 /// invalidation message is lost.
@@ -77,221 +78,27 @@ pub struct TieredCacheService {
 struct Inner {
     shared: Arc<Shared>,
     l2: RedisCacheService,
-    channel: String,
-    subscriber: SubscriberClient,
-    listener: JoinHandle<()>,
-    confirmer: JoinHandle<()>,
+    stream: Stream,
 }
 
-/// How many pub/sub messages may wait for the listener before it counts as fallen behind
-/// (and clears the L1): fred's default of 32 was overrun by a burst of a few hundred.
-pub const SUBSCRIBER_CAPACITY: usize = 16_384;
-
-/// What the listener task shares with the service.
-struct Shared {
-    l1: MokaCacheService,
-    l1_max_ttl: Duration,
-    instance_id: u64,
-    /// The per-key versions every L1 insert checks (see [`coherence`]).
-    coherence: Coherence,
-    /// Remote messages applied, L1 resets and malformed messages, for tests and metrics.
-    applied: watch::Sender<u64>,
-    resets: AtomicU64,
-    malformed: AtomicU64,
-    /// Hellos sent after a reconnect that this instance did not hear back in time, and
-    /// explicit re-subscriptions that failed: a subscription that stays broken says so.
-    confirm_failures: AtomicU64,
-    /// Set when this instance hears its own hello: its subscription is live.
-    heard_self: watch::Sender<bool>,
-    /// Wakes the confirmer after a reset.
-    reconfirm: Notify,
-}
-
-impl Shared {
-    fn apply(self: &Arc<Self>, message: Message) {
-        if message.origin == self.instance_id {
-            if message.operation == Operation::Hello {
-                self.heard_self.send_replace(true);
-            }
-            return;
-        }
-        match message.operation {
-            Operation::Key(key) => {
-                self.coherence.touch(&key);
-                self.l1.forget(&key);
-            }
-            Operation::Prefix(prefix) => {
-                // Hits under the prefix are misses from now on; the scan runs elsewhere.
-                self.coherence.touch_all();
-                let prefix: Arc<str> = Arc::from(prefix);
-                self.coherence.begin_prefix(Arc::clone(&prefix));
-                let shared = Arc::clone(self);
-                tokio::spawn(async move {
-                    let _ = shared.l1.invalidate_prefix(&prefix).await;
-                    shared.coherence.end_prefix(&prefix);
-                });
-            }
-            Operation::Clear => {
-                self.coherence.touch_all();
-                self.l1.clear();
-            }
-            Operation::Hello => return,
-        }
-        self.applied.send_modify(|n| *n += 1);
-    }
-
-    /// Messages may have been lost: drop the whole L1.
-    fn reset(&self) {
-        self.coherence.touch_all();
-        self.l1.clear();
-        self.resets.fetch_add(1, Ordering::SeqCst);
-        self.applied.send_modify(|n| *n += 1);
-    }
-
-    /// The subscription was re-established: drop the L1, and fill it again only once this
-    /// instance hears its own hello on the new subscription.
-    fn reset_unconfirmed(&self) {
-        self.coherence.set_confirmed(false);
-        self.heard_self.send_replace(false);
-        self.reset();
-        self.reconfirm.notify_one();
-    }
-
-    /// An L1 hit for `key`, unless a prefix scan covering it is still running.
-    fn l1_hit(&self, key: &str) -> Option<Bytes> {
-        match self.l1.get_bytes_now(key) {
-            Some(Ok(Some(hit))) if !self.coherence.is_pending(key) => Some(hit),
-            _ => None,
-        }
-    }
-
-    /// Puts a value read from L2 into the L1 if nothing touched its key since `ticket`.
-    fn fill(&self, key: &str, envelope: &Envelope, ticket: &Ticket) {
-        let ttl = envelope.remaining().min(self.l1_max_ttl);
-        if ttl.is_zero() || !self.coherence.still_valid(ticket) {
-            return;
-        }
-        self.l1.insert_for(key, envelope.payload.clone(), ttl);
-        // An invalidation that raced the fill: drop what was just put in.
-        if !self.coherence.still_valid(ticket) {
-            self.l1.forget(key);
-        }
-    }
-
-    /// After this instance's own write of `key` reached L2: its value goes into the L1
-    /// only if no other write or invalidation of the key was handled since `ticket`;
-    /// otherwise the key is dropped from the L1 (whose write Redis kept is unknown here).
-    fn own_write(&self, key: &str, payload: Bytes, ttl: Duration, ticket: &Ticket) {
-        let Some(after) = self.coherence.own_write(ticket) else {
-            self.l1.forget(key);
-            return;
-        };
-        self.l1.insert_for(key, payload, ttl.min(self.l1_max_ttl));
-        if !self.coherence.still_valid(&after) {
-            self.l1.forget(key);
-        }
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.listener.abort();
-        self.confirmer.abort();
-        let subscriber = self.subscriber.clone();
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = subscriber.quit().await;
-            });
-        }
-    }
-}
-
-/// The listener: applies other instances' messages; resets the L1 after a reconnection or
-/// when it fell behind (messages were lost either way). Ends when the service is dropped.
-async fn listen(
-    shared: Arc<Shared>,
-    mut messages: broadcast::Receiver<fred::types::Message>,
-    mut reconnects: broadcast::Receiver<fred::types::config::Server>,
-) {
-    loop {
-        tokio::select! {
-            message = messages.recv() => match message {
-                Ok(message) => {
-                    let parsed = message
-                        .value
-                        .as_bytes()
-                        .ok_or_else(|| CacheError::config("not a byte string", None))
-                        .and_then(Message::decode);
-                    match parsed {
-                        Ok(message) => shared.apply(message),
-                        // A malformed message is counted and ignored.
-                        Err(_) => {
-                            shared.malformed.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(_)) => shared.reset(),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-            reconnect = reconnects.recv() => match reconnect {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => shared.reset_unconfirmed(),
-                Err(broadcast::error::RecvError::Closed) => return,
-            },
-        }
-    }
-}
-
-/// After each reset that needs it: publishes hellos until this instance hears one back on
-/// its subscription, re-subscribing every few attempts, with backoff; counts each failed
-/// round. Only then may the L1 fill again.
-async fn confirm(
-    shared: Arc<Shared>,
-    l2: RedisCacheService,
-    subscriber: SubscriberClient,
-    channel: String,
-) {
-    loop {
-        shared.reconfirm.notified().await;
-        let mut heard = shared.heard_self.subscribe();
-        let mut delay = Duration::from_millis(50);
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let hello = Message {
-                origin: shared.instance_id,
-                operation: Operation::Hello,
-            };
-            let published = l2
-                .client()
-                .publish::<i64, _, _>(channel.as_str(), hello.encode())
-                .await
-                .is_ok();
-            let wait = tokio::time::timeout(
-                delay.max(Duration::from_millis(200)),
-                heard.wait_for(|h| *h),
-            );
-            if published && matches!(wait.await, Ok(Ok(_))) {
-                shared.coherence.set_confirmed(true);
-                break;
-            }
-            shared.confirm_failures.fetch_add(1, Ordering::SeqCst);
-            if attempt % 3 == 0 && subscriber.subscribe(channel.as_str()).await.is_err() {
-                shared.confirm_failures.fetch_add(1, Ordering::SeqCst);
-            }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
-        }
-    }
+/// Where invalidations come from (each stops its tasks when dropped).
+enum Stream {
+    Tracking(tracking::Tracking),
+    Bus(bus::Bus),
 }
 
 impl TieredCacheService {
     /// A builder over the Redis settings of L2 (and of the pub/sub subscriber).
     pub fn builder(redis: RedisCacheServiceBuilder) -> TieredCacheServiceBuilder {
-        TieredCacheServiceBuilder {
-            redis,
-            l1_max_ttl: DEFAULT_L1_MAX_TTL,
-            l1: MokaCacheService::builder(),
-            channel_prefix: invalidation::DEFAULT_CHANNEL_PREFIX.to_owned(),
+        TieredCacheServiceBuilder::new(redis)
+    }
+
+    /// Where this instance hears of changes: [`InvalidationMode::Tracking`] or
+    /// [`InvalidationMode::Bus`] (what `Auto` chose at build time).
+    pub fn invalidation_mode(&self) -> InvalidationMode {
+        match self.inner.stream {
+            Stream::Tracking(_) => InvalidationMode::Tracking,
+            Stream::Bus(_) => InvalidationMode::Bus,
         }
     }
 
@@ -300,9 +107,12 @@ impl TieredCacheService {
         self.inner.shared.instance_id
     }
 
-    /// The pub/sub channel.
-    pub fn channel(&self) -> &str {
-        &self.inner.channel
+    /// The pub/sub channel in bus mode; `None` with tracking (there is no bus).
+    pub fn channel(&self) -> Option<&str> {
+        match &self.inner.stream {
+            Stream::Bus(bus) => Some(&bus.channel),
+            Stream::Tracking(_) => None,
+        }
     }
 
     /// The longest life of an L1 entry.
@@ -371,39 +181,26 @@ impl TieredCacheService {
     /// and writes still work but, with no listener, this instance no longer hears the others:
     /// call it when the instance is going away (dropping the last handle does the same).
     pub async fn shutdown(&self) {
-        self.inner.listener.abort();
-        self.inner.confirmer.abort();
-        let _ = self.inner.subscriber.quit().await;
+        match &self.inner.stream {
+            Stream::Bus(bus) => bus.stop().await,
+            Stream::Tracking(tracking) => tracking.stop(),
+        }
         // Nothing heard from now on: what the L1 holds may go stale, so drop it, and keep
         // it empty.
         self.inner.shared.coherence.set_confirmed(false);
         self.inner.shared.reset();
     }
 
-    /// Publishes `operation` for the other instances.
+    /// Bus mode: publishes `operation` for the other instances. With tracking the server
+    /// tells them itself.
     async fn publish(&self, operation: Operation, key: &str) -> Result<(), CacheError> {
-        let message = Message {
-            origin: self.inner.shared.instance_id,
-            operation,
-        };
-        self.inner
-            .l2
-            .client()
-            .publish::<i64, _, _>(self.inner.channel.as_str(), message.encode())
-            .await
-            .map(drop)
-            .map_err(|e| {
-                CacheError::backend(
-                    self.inner.l2.server().to_owned(),
-                    "publish",
-                    key,
-                    format!(
-                        "the change reached Redis, but the other instances were not told to \
-                         drop their copies (they expire within {:?}): {e}",
-                        self.inner.shared.l1_max_ttl
-                    ),
-                )
-            })
+        match &self.inner.stream {
+            Stream::Bus(bus) => {
+                bus.publish(&self.inner.shared, &self.inner.l2, operation, key)
+                    .await
+            }
+            Stream::Tracking(_) => Ok(()),
+        }
     }
 }
 
@@ -412,7 +209,8 @@ impl fmt::Debug for TieredCacheService {
         f.debug_struct("TieredCacheService")
             .field("l2", &self.inner.l2)
             .field("l1_max_ttl", &self.inner.shared.l1_max_ttl)
-            .field("channel", &self.inner.channel)
+            .field("invalidation", &self.invalidation_mode())
+            .field("channel", &self.channel())
             .field("instance_id", &self.inner.shared.instance_id)
             .finish()
     }
@@ -497,7 +295,10 @@ impl CacheService for TieredCacheService {
                         request.to_mut().replace = Some(version);
                         continue;
                     }
-                    shared.fill(key, &envelope, &ticket);
+                    // With tracking, a key read by a script may not be tracked: fill from plain reads only.
+                    if matches!(self.inner.stream, Stream::Bus(_)) {
+                        shared.fill(key, &envelope, &ticket);
+                    }
                     return Ok(LeaseRead::Value {
                         value: envelope.payload,
                         version,
@@ -544,153 +345,4 @@ impl CacheService for TieredCacheService {
     async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
         self.inner.l2.release_lease(key, lease).await
     }
-}
-
-/// Builds a [`TieredCacheService`].
-#[derive(Debug, Clone)]
-pub struct TieredCacheServiceBuilder {
-    redis: RedisCacheServiceBuilder,
-    l1_max_ttl: Duration,
-    l1: crate::MokaCacheServiceBuilder,
-    channel_prefix: String,
-}
-
-impl TieredCacheServiceBuilder {
-    /// The longest life of an L1 entry (default 30 s): the bound on staleness when a message
-    /// is lost.
-    pub fn l1_max_ttl(mut self, ttl: Duration) -> Self {
-        self.l1_max_ttl = ttl;
-        self
-    }
-
-    /// L1 capacity in entries (default 10 000).
-    pub fn l1_max_entries(mut self, n: u64) -> Self {
-        self.l1 = self.l1.max_entries(n);
-        self
-    }
-
-    /// L1 capacity in bytes instead of entries.
-    pub fn l1_max_bytes(mut self, n: u64) -> Self {
-        self.l1 = self.l1.max_bytes(n);
-        self
-    }
-
-    /// The channel prefix (default `"cachet:invalidate:"`; the channel is `<prefix>v1`).
-    /// Instances that must see each other's invalidations use the same one.
-    pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.channel_prefix = prefix.into();
-        self
-    }
-
-    /// Connects L2 and the subscriber, subscribes, and starts the listener.
-    pub async fn build(self) -> Result<TieredCacheService, CacheError> {
-        if self.l1_max_ttl.is_zero() {
-            return Err(CacheError::config(
-                "l1_max_ttl must be longer than zero",
-                None,
-            ));
-        }
-        let l1 = self.l1.build()?;
-        let (mut fred, server, _) = self.redis.fred_builder()?;
-        fred.with_performance_config(|perf| {
-            perf.broadcast_channel_capacity = SUBSCRIBER_CAPACITY;
-        });
-        let bound = self.redis.connect_bound();
-        let l2 = self.redis.build().await?;
-        let subscriber = fred.build_subscriber_client().map_err(|e| {
-            CacheError::config(
-                format!("cannot configure a subscriber for {server}"),
-                Some(Box::new(e)),
-            )
-        })?;
-        let channel = invalidation::channel_name(&self.channel_prefix);
-        let subscribed = async {
-            subscriber.init().await?;
-            subscriber.subscribe(channel.as_str()).await
-        };
-        match tokio::time::timeout(bound, subscribed).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(CacheError::backend(server, "subscribe", "", e)),
-            Err(_) => {
-                return Err(CacheError::backend(
-                    server,
-                    "subscribe",
-                    "",
-                    format!("no subscription within {bound:?}"),
-                ));
-            }
-        }
-        let _resubscriber = subscriber.manage_subscriptions();
-        let (applied, _) = watch::channel(0);
-        let (heard_self, _) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            l1,
-            l1_max_ttl: self.l1_max_ttl,
-            instance_id: instance_id(),
-            coherence: Coherence::new(),
-            applied,
-            resets: AtomicU64::new(0),
-            malformed: AtomicU64::new(0),
-            confirm_failures: AtomicU64::new(0),
-            heard_self,
-            reconfirm: Notify::new(),
-        });
-        let listener = tokio::spawn(listen(
-            Arc::clone(&shared),
-            subscriber.message_rx(),
-            subscriber.reconnect_rx(),
-        ));
-        let confirmer = tokio::spawn(confirm(
-            Arc::clone(&shared),
-            l2.clone(),
-            subscriber.clone(),
-            channel.clone(),
-        ));
-        let service = TieredCacheService {
-            inner: Arc::new(Inner {
-                shared,
-                l2,
-                channel,
-                subscriber,
-                listener,
-                confirmer,
-            }),
-        };
-        // Serve only once the subscription is known to be live: publish a hello and wait
-        // to hear it back (others ignore it).
-        let mut heard = service.inner.shared.heard_self.subscribe();
-        let hello = async {
-            // Repeated: the server may not have the subscription in place yet.
-            loop {
-                service.publish(Operation::Hello, "").await?;
-                let wait = tokio::time::timeout(Duration::from_millis(100), heard.wait_for(|h| *h));
-                match wait.await {
-                    Ok(Ok(_)) => return Ok(()),
-                    Ok(Err(e)) => {
-                        return Err(CacheError::backend(server.clone(), "subscribe", "", e));
-                    }
-                    Err(_) => continue,
-                }
-            }
-        };
-        match tokio::time::timeout(bound, hello).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(CacheError::backend(
-                    server,
-                    "subscribe",
-                    "",
-                    format!("did not hear its own hello on the channel within {bound:?}"),
-                ));
-            }
-        }
-        service.inner.shared.coherence.set_confirmed(true);
-        Ok(service)
-    }
-}
-
-/// A random id for this instance.
-fn instance_id() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one((std::process::id(), std::time::Instant::now()))
 }
