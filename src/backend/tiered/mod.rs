@@ -37,19 +37,25 @@ pub const DEFAULT_L1_MAX_TTL: Duration = Duration::from_secs(30);
 ///   `min(the value's remaining TTL in L2, the L1 maximum)` (default 30 s). The remaining TTL
 ///   comes from a small envelope stored with the value (see [`crate::envelope`]), so a fill
 ///   costs no extra round trip.
-/// - `set`, `invalidate`, `invalidate_prefix`: L2 first, then the local L1, then a message on
-///   the pub/sub channel tells every other instance to drop its copy.
+/// - `set`, `invalidate`, `invalidate_prefix`: L2 first, then the local L1; the other
+///   instances hear of it from the server itself ([`InvalidationMode::Tracking`], the
+///   default where the server accepts RESP3 client tracking: any change to a key an instance
+///   read, by any client, an expiry or an eviction) or from a message on the pub/sub channel
+///   ([`InvalidationMode::Bus`]: writes made through cachet only).
 /// - No L1 insert is overtaken: each checks a per-key version read before its L2 round trip,
 ///   and a write or invalidation of the key handled meanwhile drops it.
-/// - Pub/sub is at most once: when the subscriber reconnects, the instance clears its whole
-///   L1, since messages may have been lost, and fills it again only once it hears its own
-///   hello on the new subscription ([`subscription_confirmed`](Self::subscription_confirmed));
-///   L1 entries live at most the L1 maximum, which bounds staleness even then.
+/// - Invalidations are at most once: when the subscriber (or tracked connection)
+///   reconnects, the instance clears its whole L1, since messages may have been lost, and
+///   fills it again only once the new stream is confirmed live
+///   ([`subscription_confirmed`](Self::subscription_confirmed)); L1 entries live at most
+///   the L1 maximum, which bounds staleness even then.
 ///
 /// The guarantee: after a write or invalidation returned, a read on the instance that made it
-/// sees it, and a read on another instance sees it once the message arrives (about a
-/// millisecond on a LAN; measured), or after that instance's reconnect when messages were
-/// lost, and in no case later than the L1 lifetime (30 s by default).
+/// sees it, and a read on another instance sees it once the invalidation arrives (about a
+/// millisecond on loopback; measured), or after that instance's reconnect when invalidations
+/// were lost, and in no case later than the L1 lifetime (30 s by default). With tracking the
+/// same holds for writes by other clients, except a `FLUSHALL` (fred drops the server's
+/// flush notification: the L1 lifetime bounds it).
 ///
 /// Values in L2 are enveloped: read them through a tiered service, not a plain
 /// [`RedisCacheService`].
@@ -125,8 +131,10 @@ impl TieredCacheService {
         self.inner.shared.l1_hit(key).is_some()
     }
 
-    /// Whether this instance's subscription is confirmed live (it heard its own hello since
-    /// the last reconnect). While it is not, the L1 stays empty and every read goes to Redis.
+    /// Whether this instance's invalidation stream is confirmed live since the last
+    /// reconnect (bus: it heard its own hello on the new subscription; tracking: the server
+    /// accepted `CLIENT TRACKING` on the new connection). While it is not, the L1 stays empty
+    /// and every read goes to Redis.
     pub fn subscription_confirmed(&self) -> bool {
         self.inner.shared.coherence.is_confirmed()
     }
@@ -144,8 +152,9 @@ impl TieredCacheService {
         true
     }
 
-    /// Rounds since this instance was built in which a reconnected subscription could not
-    /// be confirmed (a hello not heard back in time, a re-subscription refused). Rising
+    /// Rounds since this instance was built in which a reconnected stream could not be
+    /// confirmed (a hello not heard back in time, a re-subscription or `CLIENT TRACKING`
+    /// refused). Rising
     /// while [`subscription_confirmed`](Self::subscription_confirmed) stays false means the
     /// instance cannot hear the others, and serves from Redis only, until it can.
     pub fn subscription_failures(&self) -> u64 {
