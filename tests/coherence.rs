@@ -987,6 +987,9 @@ enum Kind {
     Write,
     /// Bump every key of the group, then `invalidate_prefix(group prefix)`.
     PrefixWrite,
+    /// Bump, then `invalidate(key)` through a plain `RedisCacheService` that is no tiered
+    /// instance (tracking mode only: the bus does not hear such writes).
+    ExternalWrite,
     /// Bump, then `set(key, new version)`.
     SetWrite,
 }
@@ -1102,7 +1105,7 @@ impl World {
                 .collect()
         };
         let result = match kind {
-            Kind::Write => cache.invalidate(&self.keys[key]).await,
+            Kind::Write | Kind::ExternalWrite => cache.invalidate(&self.keys[key]).await,
             Kind::PrefixWrite => cache.invalidate_prefix(&self.group_prefix).await.map(drop),
             Kind::SetWrite => cache.set(&self.keys[key], &versions[0].1, Some(TTL)).await,
             Kind::Read => unreachable!("not a write"),
@@ -1151,6 +1154,7 @@ async fn reader(
 async fn writer(
     world: Arc<World>,
     instances: Arc<Vec<Arc<dyn CacheService>>>,
+    external: Option<Arc<RedisCacheService>>,
     seed: u64,
     until: Instant,
 ) {
@@ -1168,6 +1172,14 @@ async fn writer(
         };
         let key = rng.random_range(0..KEYS);
         for _ in 0..rng.random_range(1..=3) {
+            if let Some(external) = external.as_ref().filter(|_| rng.random_bool(0.3)) {
+                // An index no instance has: the bound for other instances applies.
+                let outside = instances.len();
+                world
+                    .write(Kind::ExternalWrite, outside, &**external, key)
+                    .await;
+                continue;
+            }
             let via = rng.random_range(0..instances.len());
             world.write(kind, via, &*instances[via], key).await;
             tokio::time::sleep(Duration::from_millis(rng.random_range(0..10))).await;
@@ -1181,6 +1193,8 @@ struct Group {
     instances: Vec<Arc<dyn CacheService>>,
     bus: Option<Bus>,
     bounds: Bounds,
+    /// A client that is not one of the instances, writing underneath (tracking only).
+    external: Option<Arc<RedisCacheService>>,
 }
 
 impl Group {
@@ -1195,6 +1209,10 @@ impl Group {
                 .collect(),
             bus: Some(bus),
             bounds,
+            external: match mode {
+                InvalidationMode::Tracking => Some(Arc::new(plain(url).await)),
+                _ => None,
+            },
         }
     }
 
@@ -1208,6 +1226,7 @@ impl Group {
             instances,
             bus: None,
             bounds: NO_COPIES,
+            external: None,
         }
     }
 
@@ -1221,6 +1240,7 @@ impl Group {
             instances: vec![Arc::new(cache)],
             bus: None,
             bounds: NO_COPIES,
+            external: None,
         }
     }
 }
@@ -1254,6 +1274,7 @@ async fn run_checker(group: Group, duration: Duration, seed: u64) -> Report {
         tasks.push(tokio::spawn(writer(
             Arc::clone(&world),
             Arc::clone(&instances),
+            group.external.clone(),
             task_seed,
             until,
         )));
@@ -1396,7 +1417,7 @@ fn check(history: &[Op], bounds: Bounds) -> Found {
         }
         found.writes += 1;
         found.by_kind[match op.kind {
-            Kind::Write => 0,
+            Kind::Write | Kind::ExternalWrite => 0,
             Kind::PrefixWrite => 1,
             _ => 2,
         }] += 1;
