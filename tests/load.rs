@@ -101,12 +101,29 @@ mod redis_standalone {
     load_checks!(super::redis(super::standalone().url()).await);
 }
 
+async fn tiered_bus(url: String) -> Arc<dyn CacheService> {
+    Arc::new(
+        TieredCacheService::builder(RedisCacheService::builder(url))
+            .invalidation(cachet::backend::tiered::InvalidationMode::Bus)
+            .channel_prefix(unique_prefix("load-bus"))
+            .build()
+            .await
+            .expect("tiered over the bus"),
+    )
+}
+
 mod redis_cluster {
     load_checks!(super::redis(super::RedisCluster::shared().url()).await);
 }
 
+/// Tiered with the default invalidation mode (client tracking on this server).
 mod tiered_standalone {
     load_checks!(super::tiered(super::standalone().url()).await);
+}
+
+/// Tiered over the pub/sub bus.
+mod tiered_bus {
+    load_checks!(super::tiered_bus(super::standalone().url()).await);
 }
 
 async fn concurrent_misses_load_once(cache: Arc<dyn CacheService>, prefix: String) {
