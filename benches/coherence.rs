@@ -211,17 +211,9 @@ fn fill_rates(url: &str, rt: &tokio::runtime::Runtime, reads: usize) {
 /// commands a script runs as well as the client's own).
 fn command_calls(server: &support::RedisServer) -> BTreeMap<String, u64> {
     let stats = server.command(&["INFO", "commandstats"]).unwrap();
-    stats
-        .lines()
-        .filter_map(|line| {
-            let (name, fields) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            let calls = fields
-                .split(',')
-                .find_map(|f| f.strip_prefix("calls="))?
-                .parse()
-                .ok()?;
-            Some((name.to_owned(), calls))
-        })
+    common::command_stats(&stats)
+        .into_iter()
+        .map(|(name, stat)| (name, stat.calls))
         .collect()
 }
 

@@ -1,5 +1,6 @@
-//! What the in-memory benchmarks share: the org-context fixture, the runtime, and the raw
-//! baselines (moka and mini-moka doing the same typed work by hand).
+//! What the benchmarks share: the org-context fixture, the runtimes, the raw baselines (moka
+//! and mini-moka doing the same typed work by hand), and the parsing of a server's
+//! `INFO commandstats`.
 #![allow(dead_code)] // each bench uses its own part
 
 use std::collections::BTreeMap;
@@ -163,4 +164,54 @@ pub async fn fill_for_reads(
     for (k, v) in f.keys.iter().zip(&f.values) {
         raw_mini.insert(k.clone(), serde_json::to_string(v).unwrap());
     }
+}
+
+/// One command's line of `INFO commandstats`: calls and total microseconds since the server
+/// started (the commands scripts run count too).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommandStat {
+    pub calls: u64,
+    pub usec: u64,
+}
+
+/// Every command of an `INFO commandstats` reply (`cmdstat_<name>:calls=N,usec=U,...`), by
+/// lowercase name.
+pub fn command_stats(info: &str) -> BTreeMap<String, CommandStat> {
+    info.lines()
+        .filter_map(|line| {
+            let (name, fields) = line.trim_end().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |key: &str| -> Option<u64> {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(key)?.strip_prefix('='))?
+                    .parse()
+                    .ok()
+            };
+            Some((
+                name.to_owned(),
+                CommandStat {
+                    calls: field("calls")?,
+                    usec: field("usec")?,
+                },
+            ))
+        })
+        .collect()
+}
+
+/// `after - before`, per command, for the commands that ran in between.
+pub fn command_stats_delta(
+    before: &BTreeMap<String, CommandStat>,
+    after: &BTreeMap<String, CommandStat>,
+) -> BTreeMap<String, CommandStat> {
+    after
+        .iter()
+        .filter_map(|(name, stat)| {
+            let was = before.get(name).copied().unwrap_or_default();
+            let delta = CommandStat {
+                calls: stat.calls - was.calls,
+                usec: stat.usec - was.usec,
+            };
+            (delta.calls > 0).then(|| (name.clone(), delta))
+        })
+        .collect()
 }
