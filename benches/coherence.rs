@@ -50,6 +50,7 @@ fn env_or(name: &str, default: usize) -> usize {
 
 async fn tiered(url: &str, channel_prefix: &str) -> TieredCacheService {
     TieredCacheService::builder(RedisCacheService::builder(url))
+        .invalidation(cachet::backend::tiered::InvalidationMode::Bus) // what its figures measure
         .channel_prefix(channel_prefix)
         // Neither expiry nor eviction may take an entry during the run: every key read
         // must fit (moka's admission policy may refuse new entries once full).

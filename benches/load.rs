@@ -39,6 +39,7 @@ fn benches(c: &mut Criterion) {
         let moka: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
         let tiered: Arc<dyn CacheService> = Arc::new(
             TieredCacheService::builder(RedisCacheService::builder(url.clone()))
+                .invalidation(cachet::backend::tiered::InvalidationMode::Bus) // what its figures measure
                 .channel_prefix("bench-load:")
                 // Long enough that no L1 entry expires during the run.
                 .l1_max_ttl(Duration::from_secs(3600))
