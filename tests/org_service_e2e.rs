@@ -13,6 +13,7 @@ mod support;
 #[path = "../examples/org_service/app.rs"]
 mod app;
 
+use cachet::backend::tiered::InvalidationMode;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -205,14 +206,21 @@ async fn an_update_through_one_instance_is_served_by_the_other_once_delivered() 
             .put_org("acme", "1", &name, &format!("secret-{round}"))
             .await;
         assert_eq!(put.status, 200, "{}", put.body);
-        // invalidate_org removes two keys (org:acme and org:id:1): two messages to B.
+        // invalidate_org removes org:acme, org:id:1, org:acme. Over the bus B hears a
+        // message per key removed once (the repeat is of a key already gone: two); with
+        // client tracking the server tells B only about the key B read and still tracks
+        // (org:acme, once: one).
+        let expected = match b.tiered().invalidation_mode() {
+            InvalidationMode::Bus => 2,
+            _ => 1,
+        };
         assert!(
             b.tiered()
-                .wait_for_invalidations(before + 2, DELIVERY)
+                .wait_for_invalidations(before + expected, DELIVERY)
                 .await,
             "B heard A's invalidation"
         );
-        assert!(b.stats().await.invalidations_applied >= Some(before + 2));
+        assert!(b.stats().await.invalidations_applied >= Some(before + expected));
         // Once delivered, B never serves the old org.
         for _ in 0..3 {
             let view = b.get("/orgs/acme").await.view();
