@@ -2,6 +2,7 @@
 
 pub mod moka;
 pub mod redis;
+mod redis_config;
 pub mod redis_lease;
 pub mod tiered;
 

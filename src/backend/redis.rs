@@ -9,12 +9,13 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use fred::prelude::{
     Builder, Client, ClientLike, Config, Error as RedisError, Expiration, KeysInterface, Pool,
-    ReconnectPolicy, ServerConfig,
+    ReconnectPolicy,
 };
 use fred::types::Key;
 use fred::types::scan::Scanner;
 use futures_util::stream::StreamExt;
 
+use super::redis_config::{describe_server, redact_url, tls_with_roots};
 use crate::future_slot;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::service::{BoxFuture, DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
@@ -481,83 +482,6 @@ pub fn escape_glob(literal: &str) -> String {
         escaped.push(c);
     }
     escaped
-}
-
-/// `url` with any password replaced by `***`, for messages.
-fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// A TLS configuration that trusts exactly the certificates in `pem`.
-fn tls_with_roots(pem: &[u8]) -> Result<fred::types::config::TlsConfig, CacheError> {
-    use rustls_pki_types::CertificateDer;
-    use rustls_pki_types::pem::PemObject;
-
-    let bad = |what: &str, e: BoxError| CacheError::config(format!("TLS roots: {what}"), Some(e));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(pem) {
-        let cert = cert.map_err(|e| bad("unreadable PEM", Box::new(e)))?;
-        roots
-            .add(cert)
-            .map_err(|e| bad("unusable certificate", Box::new(e)))?;
-    }
-    if roots.is_empty() {
-        return Err(CacheError::config(
-            "TLS roots: no certificate in the PEM",
-            None,
-        ));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad("protocol versions", Box::new(e)))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(fred::types::config::TlsConnector::from(client).into())
-}
-
-/// The server(s) of a config, as messages name them.
-fn describe_server(config: &Config) -> String {
-    let scheme = if config.tls.is_some() {
-        "rediss"
-    } else {
-        "redis"
-    };
-    match &config.server {
-        ServerConfig::Centralized { server } => {
-            format!("{scheme}://{}:{}", server.host, server.port)
-        }
-        ServerConfig::Clustered { hosts, .. } => {
-            let hosts: Vec<String> = hosts
-                .iter()
-                .map(|h| format!("{}:{}", h.host, h.port))
-                .collect();
-            format!("{scheme}-cluster://{}", hosts.join(","))
-        }
-        ServerConfig::Sentinel {
-            hosts,
-            service_name,
-            ..
-        } => {
-            let hosts: Vec<String> = hosts
-                .iter()
-                .map(|h| format!("{}:{}", h.host, h.port))
-                .collect();
-            format!(
-                "{scheme}-sentinel://{} (service {service_name})",
-                hosts.join(",")
-            )
-        }
-        #[allow(unreachable_patterns)]
-        _ => format!("{scheme} server"),
-    }
 }
 
 /// Builds a [`RedisCacheService`]; every setting has a default.
