@@ -22,6 +22,7 @@
 pub mod binaries;
 mod cluster;
 mod ports;
+mod proxy;
 mod resp;
 mod sentinel;
 mod server;
@@ -31,6 +32,7 @@ mod server;
 pub use self::{
     cluster::RedisCluster,
     ports::{free_port, release_port},
+    proxy::Proxy,
     resp::{Resp, resp_command, resp_request},
     sentinel::SentinelSetup,
     server::RedisServer,
