@@ -1525,7 +1525,7 @@ fn inject_faults(
     server: Arc<RedisServer>,
     until: Instant,
     seed: u64,
-    kill: &'static str,
+    kill: &'static [&'static str],
 ) -> std::thread::JoinHandle<(u64, u64)> {
     std::thread::spawn(move || {
         let mut rng = StdRng::seed_from_u64(seed);
@@ -1537,7 +1537,9 @@ fn inject_faults(
                 break;
             }
             std::thread::sleep(pause);
-            if let Ok(n) = server.command(&["CLIENT", "KILL", "TYPE", kill]) {
+            // One connection type per round, in turn picked at random.
+            let kind = kill[rng.random_range(0..kill.len())];
+            if let Ok(n) = server.command(&["CLIENT", "KILL", "TYPE", kind]) {
                 killed += n.parse::<u64>().unwrap_or(0);
             }
             if rng.random_bool(0.3) && server.command(&["CLIENT", "PAUSE", "300", "WRITE"]).is_ok()
@@ -1591,17 +1593,23 @@ async fn checker_without_faults(mode: InvalidationMode, name: &str) {
 /// leaves out, but cannot make a completed write undone).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_tiered_and_plain_redis_with_subscriber_kills_and_write_pauses() {
-    checker_with_faults(InvalidationMode::Bus, "tiered, faults", "pubsub").await;
+    checker_with_faults(InvalidationMode::Bus, "tiered, faults", &["pubsub"]).await;
 }
 
-/// The same with client tracking; the connections killed are the tracked ones (and every
-/// other normal connection: the plain instances' too).
+/// The same with client tracking; the connections killed are, at random, the tracked ones
+/// (and every other normal connection: the plain instances' too) or the ones that receive
+/// the invalidations.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn checker_tracking_and_plain_redis_with_connection_kills_and_write_pauses() {
-    checker_with_faults(InvalidationMode::Tracking, "tracking, faults", "normal").await;
+    checker_with_faults(
+        InvalidationMode::Tracking,
+        "tracking, faults",
+        &["normal", "pubsub"],
+    )
+    .await;
 }
 
-async fn checker_with_faults(mode: InvalidationMode, name: &str, kill: &'static str) {
+async fn checker_with_faults(mode: InvalidationMode, name: &str, kill: &'static [&'static str]) {
     let server = Arc::new(RedisServer::start());
     let seed = seed();
     let tiered = Group::tiered(name, &server.url(), TIERED_FAULTS, mode).await;
@@ -1613,8 +1621,11 @@ async fn checker_with_faults(mode: InvalidationMode, name: &str, kill: &'static 
         run_checker(plain, duration, seed.rotate_left(17))
     );
     let (killed, pauses) = faults.join().expect("fault injector");
-    println!("faults: {killed} {kill} connections killed, {pauses} write pauses");
-    assert!(killed > 0, "the fault injector killed no {kill} connection");
+    println!("faults: {killed} {kill:?} connections killed, {pauses} write pauses");
+    assert!(
+        killed > 0,
+        "the fault injector killed no {kill:?} connection"
+    );
     conclude(&[a, b]);
 }
 

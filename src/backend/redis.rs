@@ -159,7 +159,6 @@ impl RedisCacheService {
             reconnect_max_delay: Duration::from_secs(2),
             reconnect_max_attempts: 0,
             tls_root_certificates_pem: None,
-            resp3: false,
         }
     }
 
@@ -514,7 +513,6 @@ pub struct RedisCacheServiceBuilder {
     reconnect_max_delay: Duration,
     reconnect_max_attempts: u32,
     tls_root_certificates_pem: Option<Vec<u8>>,
-    resp3: bool,
 }
 
 impl fmt::Debug for RedisCacheServiceBuilder {
@@ -600,12 +598,6 @@ impl RedisCacheServiceBuilder {
         self
     }
 
-    /// Speak RESP3 (needed for client tracking; the tiered cache asks for it).
-    pub(crate) fn resp3(mut self, on: bool) -> Self {
-        self.resp3 = on;
-        self
-    }
-
     /// Checks the settings and makes the `fred` builder they describe, with the server
     /// label and whether it is a cluster.
     pub(crate) fn fred_builder(&self) -> Result<(Builder, String, bool), CacheError> {
@@ -654,9 +646,6 @@ impl RedisCacheServiceBuilder {
                 ));
             }
             config.tls = Some(tls_with_roots(pem)?);
-        }
-        if self.resp3 {
-            config.version = fred::types::RespVersion::RESP3;
         }
         let server = describe_server(&config);
         let clustered = config.server.is_clustered();

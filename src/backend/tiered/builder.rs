@@ -21,11 +21,12 @@ use crate::{CacheError, MokaCacheService, RedisCacheServiceBuilder};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum InvalidationMode {
-    /// Tracking if the server accepts it (RESP3 and `CLIENT TRACKING`), else the bus: chosen
+    /// Tracking if the server accepts it (`CLIENT TRACKING ... REDIRECT`), else the bus: chosen
     /// when the service is built ([`TieredCacheService::invalidation_mode`] says which).
     #[default]
     Auto,
-    /// RESP3 client tracking on the reading connection: the server reports every change to
+    /// Client tracking on the reading connections, redirected to an invalidation connection
+    /// of this instance's own (one per cluster primary): the server reports every change to
     /// a key this instance read, by any client, an expiry, an eviction or a flush. Building
     /// fails if the server refuses it.
     Tracking,
@@ -117,7 +118,7 @@ impl TieredCacheServiceBuilder {
             InvalidationMode::Tracking => self.build_tracking().await,
             InvalidationMode::Auto => match self.clone().build_tracking().await {
                 Ok(service) => Ok(service),
-                // A server that refuses RESP3 or tracking (some managed services do), or is
+                // A server that refuses tracking (some managed services do), or is
                 // down: the bus, which reports its own error if the server is down.
                 Err(_) => self.build_bus().await,
             },
@@ -134,10 +135,11 @@ impl TieredCacheServiceBuilder {
     }
 
     async fn build_tracking(self) -> Result<TieredCacheService, CacheError> {
+        let (fred, _, _) = self.redis.fred_builder()?;
         let bound = self.redis.connect_bound();
-        let l2 = self.redis.clone().resp3(true).build().await?;
+        let l2 = self.redis.clone().build().await?;
         let shared = self.shared(false)?;
-        let tracking = Tracking::start(&shared, &l2, bound).await?;
+        let tracking = Tracking::start(&shared, &l2, fred, bound).await?;
         Ok(TieredCacheService {
             inner: Arc::new(Inner {
                 shared,

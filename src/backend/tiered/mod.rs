@@ -21,6 +21,7 @@ pub use self::builder::{InvalidationMode, TieredCacheServiceBuilder};
 pub use self::bus::SUBSCRIBER_CAPACITY;
 pub use self::coherence::STRIPES;
 use self::shared::Shared;
+pub use self::tracking::CHECK_EVERY as TRACKING_CHECK_EVERY;
 use crate::envelope::Envelope;
 use crate::invalidation::Operation;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
@@ -39,14 +40,15 @@ pub const DEFAULT_L1_MAX_TTL: Duration = Duration::from_secs(30);
 ///   costs no extra round trip.
 /// - `set`, `invalidate`, `invalidate_prefix`: L2 first, then the local L1; the other
 ///   instances hear of it from the server itself ([`InvalidationMode::Tracking`], the
-///   default where the server accepts RESP3 client tracking: any change to a key an instance
-///   read, by any client, an expiry or an eviction) or from a message on the pub/sub channel
+///   default where the server accepts client tracking: any change to a key an instance
+///   read, by any client, an expiry, an eviction or a flush) or from a message on the
+///   pub/sub channel
 ///   ([`InvalidationMode::Bus`]: writes made through cachet only).
 /// - No L1 insert is overtaken: each checks a per-key version read before its L2 round trip,
 ///   and a write or invalidation of the key handled meanwhile drops it.
-/// - Invalidations are at most once: when the subscriber (or tracked connection)
-///   reconnects, the instance clears its whole L1, since messages may have been lost, and
-///   fills it again only once the new stream is confirmed live
+/// - Invalidations are at most once: when the subscriber (or a tracked or invalidation
+///   connection) reconnects or fails a check, the instance clears its whole L1, since
+///   messages may have been lost, and fills it again only once the new stream is confirmed live
 ///   ([`subscription_confirmed`](Self::subscription_confirmed)); L1 entries live at most
 ///   the L1 maximum, which bounds staleness even then.
 ///
@@ -54,8 +56,7 @@ pub const DEFAULT_L1_MAX_TTL: Duration = Duration::from_secs(30);
 /// sees it, and a read on another instance sees it once the invalidation arrives (about a
 /// millisecond on loopback; measured), or after that instance's reconnect when invalidations
 /// were lost, and in no case later than the L1 lifetime (30 s by default). With tracking the
-/// same holds for writes by other clients, except a `FLUSHALL` (fred drops the server's
-/// flush notification: the L1 lifetime bounds it).
+/// same holds for writes by other clients, expiries, evictions and flushes.
 ///
 /// Values in L2 are enveloped: read them through a tiered service, not a plain
 /// [`RedisCacheService`].
@@ -132,8 +133,9 @@ impl TieredCacheService {
     }
 
     /// Whether this instance's invalidation stream is confirmed live since the last
-    /// reconnect (bus: it heard its own hello on the new subscription; tracking: the server
-    /// accepted `CLIENT TRACKING` on the new connection). While it is not, the L1 stays empty
+    /// reconnect (bus: it heard its own hello on the new subscription; tracking: the
+    /// invalidation connection is subscribed and every reading connection accepted `CLIENT
+    /// TRACKING ... REDIRECT` to it). While it is not, the L1 stays empty
     /// and every read goes to Redis.
     pub fn subscription_confirmed(&self) -> bool {
         self.inner.shared.coherence.is_confirmed()
@@ -176,7 +178,9 @@ impl TieredCacheService {
     }
 
     /// How many times the L1 was cleared because messages may have been lost (subscriber
-    /// reconnections, a listener that fell behind).
+    /// reconnections, a listener that fell behind; with tracking also an error or reconnect
+    /// of a reading or invalidation connection, a cluster topology change, or a failed
+    /// check every [`TRACKING_CHECK_EVERY`]).
     pub fn l1_resets(&self) -> u64 {
         self.inner.shared.resets.load(Ordering::SeqCst)
     }
