@@ -1,4 +1,4 @@
-//! What server-assisted invalidation (RESP3 `CLIENT TRACKING`, `NOLOOP`) costs and buys
+//! What server-assisted invalidation (`CLIENT TRACKING ... REDIRECT`, `NOLOOP`) costs and buys
 //! against the pub/sub bus, in one run, on servers this bench starts itself on free loopback
 //! ports (tokio with 2 workers; the servers share the same 2 cores):
 //!
@@ -7,7 +7,8 @@
 //!    - *external write, tracking*: instances A and B (tracking) each read the key, so it is
 //!      in their L1; then a plain client that is not cachet (a separate `RedisCacheService`'s
 //!      fred `client()`, which follows slots on the cluster) sends a raw `DEL` or a raw
-//!      `SET`, alternately. Measured: from that command's reply until `cached_locally(key)` is
+//!      `SET`, alternately; and in a row of its own, a `FLUSHALL` (on a cluster, on every
+//!      primary). Measured: from that command's reply until `cached_locally(key)` is
 //!      false on A and on B (both pooled; each watcher wakes on its instance's invalidation
 //!      counter, `wait_for_invalidations`, then checks `cached_locally`; no spinning).
 //!    - *cachet write, tracking* and *cachet write, bus*: B reads the key, then A `set`s it;
@@ -28,8 +29,9 @@
 //! 3. **Read costs**, interleaved batches on one standalone Redis: an L1 hit (typed `get` of
 //!    a key in the L1; tracking and bus alternating) and an L2 read (`get` of a key the
 //!    reader never read, so a miss in the L1 and, with tracking, a new entry in the server's
-//!    tracking table), tracking vs bus, plus raw fred clients (RESP2, RESP3, RESP3 with
-//!    `CLIENT TRACKING ON NOLOOP`) to tell what the difference comes from; the order rotates
+//!    tracking table), tracking vs bus, plus raw fred clients (plain, and with `CLIENT
+//!    TRACKING ON REDIRECT <id> NOLOOP` to a subscribed second client) to tell what the
+//!    difference comes from; the order rotates
 //!    from batch to batch. Printed: medians of the batch means, the median (and quartiles)
 //!    of the ratios of batches run next to each other, and the server's `get` time
 //!    (commandstats) and CPU time per read over each contender's batches.
@@ -55,7 +57,7 @@ use std::time::{Duration, Instant};
 use cachet::backend::tiered::InvalidationMode;
 use cachet::{CacheServiceExt, RedisCacheService, TieredCacheService};
 use common::{CommandStat, OrgContext};
-use fred::prelude::KeysInterface;
+use fred::prelude::{ClientLike, KeysInterface};
 use futures_util::future::join_all;
 
 /// A copy still in an L1 this long after the write counts as never dropped.
@@ -151,6 +153,8 @@ enum Writer {
     External,
     /// `a.set`, observed on B.
     Cachet,
+    /// A plain client's `FLUSHALL` (on a cluster, on every primary).
+    Flush,
 }
 
 #[derive(Default)]
@@ -187,8 +191,8 @@ async fn propagation(
     for round in 0..rounds {
         let key = &keys[round % keys.len()];
         let watchers: Vec<&TieredCacheService> = match writer {
-            Writer::External => {
-                // A raw SET left a value that is not cachet's: write cachet's back first.
+            Writer::External | Writer::Flush => {
+                // A raw SET or a flush left no value of cachet's: write one back first.
                 a.set(key, &value, None).await.unwrap();
                 vec![&a, &b]
             }
@@ -217,6 +221,8 @@ async fn propagation(
                     .unwrap();
                 Ok(())
             }
+            Writer::Flush if client.is_clustered() => client.flushall_cluster().await,
+            Writer::Flush => client.flushall::<()>(false).await,
         }
         .unwrap();
         let replied = Instant::now();
@@ -283,6 +289,11 @@ fn propagation_rows(rt: &tokio::runtime::Runtime, deployment: &str, url: &str, r
             "external DEL/SET -> A and B, tracking",
             InvalidationMode::Tracking,
             Writer::External,
+        ),
+        (
+            "external FLUSHALL -> A and B, tracking",
+            InvalidationMode::Tracking,
+            Writer::Flush,
         ),
         (
             "a.set -> B, tracking",
@@ -510,8 +521,9 @@ fn fan_out_rows(rt: &tokio::runtime::Runtime, fleet: usize, keys: usize, reps: u
 enum Reader {
     Tiered(TieredCacheService),
     /// A raw fred client (GET of the stored bytes, no envelope, no JSON): where a difference
-    /// between the two tiered modes comes from.
-    Fred(fred::prelude::Client),
+    /// between the two tiered modes comes from. The first client reads; the others (its
+    /// invalidation connection) only need to live.
+    Fred(Vec<fred::prelude::Client>),
 }
 
 impl Reader {
@@ -520,8 +532,8 @@ impl Reader {
             Reader::Tiered(tiered) => {
                 black_box(tiered.get::<OrgContext>(key).await.unwrap().unwrap());
             }
-            Reader::Fred(client) => {
-                black_box(client.get::<bytes::Bytes, _>(key).await.unwrap());
+            Reader::Fred(clients) => {
+                black_box(clients[0].get::<bytes::Bytes, _>(key).await.unwrap());
             }
         }
     }
@@ -534,22 +546,40 @@ impl Reader {
     }
 }
 
-/// A raw fred client, RESP2 or RESP3, with `CLIENT TRACKING ON NOLOOP` or not.
-async fn raw_fred(url: &str, resp3: bool, tracking: bool) -> fred::prelude::Client {
-    use fred::prelude::{Builder, ClientLike, Config, TrackingInterface};
-    let mut config = Config::from_url(url).unwrap();
-    if resp3 {
-        config.version = fred::types::RespVersion::RESP3;
-    }
-    let client = Builder::from_config(config).build().unwrap();
-    client.init().await.unwrap();
-    if tracking {
-        client
-            .start_tracking(Vec::<String>::new(), false, false, false, true)
-            .await
+/// A raw fred client (RESP2), with `CLIENT TRACKING ON REDIRECT <id> NOLOOP` to a second
+/// raw client subscribed to `__redis__:invalidate` (what tracking mode runs), or not.
+async fn raw_fred(url: &str, tracking: bool) -> Vec<fred::prelude::Client> {
+    use fred::prelude::{Builder, ClientInterface, ClientLike, Config, PubsubInterface};
+    let connect = || async {
+        let client = Builder::from_config(Config::from_url(url).unwrap())
+            .build()
             .unwrap();
+        client.init().await.unwrap();
+        client
+    };
+    let client = connect().await;
+    if !tracking {
+        return vec![client];
     }
+    let invalidations = connect().await;
+    let id: i64 = invalidations.client_id().await.unwrap();
+    invalidations
+        .subscribe("__redis__:invalidate")
+        .await
+        .unwrap();
     client
+        .client_tracking::<fred::types::Value, _, _>(
+            "on",
+            Some(id),
+            None,
+            false,
+            false,
+            false,
+            true,
+        )
+        .await
+        .unwrap();
+    vec![client, invalidations]
 }
 
 /// Per-batch mean costs (ns) of each contender, in batch order.
@@ -579,17 +609,10 @@ async fn read_costs(server: Arc<support::RedisServer>, batches: usize) -> ReadCo
     let readers = [
         ("tiered, tracking", Reader::Tiered(tracking)),
         ("tiered, bus", Reader::Tiered(bus)),
+        ("raw fred", Reader::Fred(raw_fred(&url, false).await)),
         (
-            "raw fred RESP2",
-            Reader::Fred(raw_fred(&url, false, false).await),
-        ),
-        (
-            "raw fred RESP3",
-            Reader::Fred(raw_fred(&url, true, false).await),
-        ),
-        (
-            "raw fred RESP3 + CLIENT TRACKING",
-            Reader::Fred(raw_fred(&url, true, true).await),
+            "raw fred + CLIENT TRACKING REDIRECT",
+            Reader::Fred(raw_fred(&url, true).await),
         ),
     ];
     let n = readers.len();
@@ -692,12 +715,8 @@ fn read_rows(rt: &tokio::runtime::Runtime, batches: usize) {
                 paired_ratio(&costs.miss[0], &costs.miss[1])
             ),
             3 => format!(
-                "; / RESP2 = {}",
+                "; / without tracking = {}",
                 paired_ratio(&costs.miss[3], &costs.miss[2])
-            ),
-            4 => format!(
-                "; / RESP3 without tracking = {}",
-                paired_ratio(&costs.miss[4], &costs.miss[3])
             ),
             _ => String::new(),
         };
