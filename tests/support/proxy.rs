@@ -1,7 +1,8 @@
 //! A TCP proxy on a free loopback port in front of one server, for faults that a server
 //! cannot make by itself: a connection whose replies arrive late (one connection only, the
-//! others untouched), or one that goes silent without closing (a half-open connection: the
-//! client hears nothing, not even that the server closed its side).
+//! others untouched), whose replies are lost (the server ran the command, the client never
+//! hears), or that goes silent without closing (a half-open connection: the client hears
+//! nothing, not even that the server closed its side).
 //!
 //! Connections are numbered in the order they were accepted, from 0. Each is forwarded by two
 //! threads (one per direction) in chunks; a chunk from the server waits out the connection's
@@ -23,6 +24,9 @@ struct Link {
     delay_ms: AtomicU64,
     /// Forward nothing in either direction and close nothing (the client cannot tell).
     frozen: AtomicBool,
+    /// Swallow what the server sends (a close still goes through): the server ran a
+    /// command whose reply the client never gets.
+    drop_replies: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -94,6 +98,14 @@ impl Proxy {
             .store(delay.as_millis() as u64, Ordering::SeqCst);
     }
 
+    /// Every later server → client chunk on `connection` is thrown away; a close still
+    /// reaches the client.
+    pub fn drop_replies(&self, connection: usize) {
+        self.link(connection)
+            .drop_replies
+            .store(true, Ordering::SeqCst);
+    }
+
     /// `connection` goes silent both ways and stays open: what the server closes, the client
     /// does not hear of.
     pub fn freeze(&self, connection: usize) {
@@ -132,6 +144,9 @@ fn forward(from: &TcpStream, to: &TcpStream, link: Arc<Link>, replies: bool) {
                     thread::sleep(Duration::from_millis(50));
                 }
                 return;
+            }
+            if replies && link.drop_replies.load(Ordering::SeqCst) {
+                continue;
             }
             if replies {
                 let delay = link.delay_ms.load(Ordering::SeqCst);
