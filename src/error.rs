@@ -241,6 +241,72 @@ pub enum LockError {
         /// What is wrong.
         message: String,
     },
+    /// The lock was taken, but fewer replicas than asked for
+    /// ([`LockOptions::wait_for_replicas`](crate::LockOptions::wait_for_replicas)) confirmed
+    /// it in time; it was let go.
+    #[error(
+        "lock {key} reached {acknowledged} of {required} replicas within {waited:?}; it was let go"
+    )]
+    NotReplicated {
+        /// The lock's key.
+        key: KeyName,
+        /// Replicas that confirmed the lock.
+        acknowledged: u32,
+        /// Replicas asked for.
+        required: u32,
+        /// How long the wait took.
+        waited: std::time::Duration,
+    },
+}
+
+/// What [`with_lock`](crate::ConcurrencyServiceExt::with_lock) returns when it fails: the
+/// lock was not taken (the work did not run), or the lease was lost while the work ran (its
+/// output is here: it may have had effects). `?` turns it into a [`LockError`].
+///
+/// ```
+/// use cachet::{KeyName, LockError, WithLockError};
+///
+/// let lost = WithLockError::LeaseLost { key: KeyName::new("refresh:alice"), output: 7 };
+/// assert!(lost.to_string().contains("refresh:alice"));
+/// assert_eq!(lost.into_output(), Some(7));
+/// let as_lock_error: LockError = WithLockError::LeaseLost { key: KeyName::new("k"), output: () }.into();
+/// assert!(matches!(as_lock_error, LockError::LeaseLost { .. }));
+/// ```
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WithLockError<T> {
+    /// The lock could not be taken; the work did not run.
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    /// The work ran, but the lease was lost before it was released: another holder may have
+    /// run at the same time.
+    #[error("the lease on lock {key} was lost while the work ran (its output is kept)")]
+    LeaseLost {
+        /// The lock's key.
+        key: KeyName,
+        /// What the work returned.
+        output: T,
+    },
+}
+
+impl<T> WithLockError<T> {
+    /// The work's output, if it ran.
+    pub fn into_output(self) -> Option<T> {
+        match self {
+            WithLockError::LeaseLost { output, .. } => Some(output),
+            WithLockError::Lock(_) => None,
+        }
+    }
+}
+
+impl<T> From<WithLockError<T>> for LockError {
+    /// Drops the work's output, if any.
+    fn from(error: WithLockError<T>) -> Self {
+        match error {
+            WithLockError::Lock(e) => e,
+            WithLockError::LeaseLost { key, .. } => LockError::LeaseLost { key },
+        }
+    }
 }
 
 impl From<CacheError> for LockError {

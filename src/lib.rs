@@ -70,7 +70,7 @@ pub use config::{CacheSettings, build_cache_service};
 pub use decorate::{
     EncryptedCacheService, EncryptedEnvelope, EncryptionKey, EncryptionKeys, NamespacedCacheService,
 };
-pub use error::{BoxError, CacheError, KeyName, LockError};
+pub use error::{BoxError, CacheError, KeyName, LockError, WithLockError};
 pub use load::{LoadError, LoadOptions, LoadSource, Loaded};
 pub use lock::{
     Concurrency, ConcurrencyService, ConcurrencyServiceExt, LocalConcurrencyService, LockGuard,

@@ -178,6 +178,11 @@ impl RedisCacheService {
     }
 
     /// Every connection's client (one, or the pool's).
+    /// How long one command may take before it is an error.
+    pub(crate) fn command_timeout(&self) -> Duration {
+        self.inner.command_timeout
+    }
+
     pub(crate) fn clients(&self) -> Vec<Client> {
         self.inner.connection.clients()
     }

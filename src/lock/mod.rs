@@ -7,6 +7,7 @@
 //! and every acquisition carries a fencing token that strictly increases per key, so a store
 //! can refuse a write from a holder whose lease has run out.
 
+mod keeper;
 pub mod local;
 pub mod redis;
 
@@ -19,7 +20,7 @@ use async_trait::async_trait;
 use enum_dispatch::enum_dispatch;
 use tokio::sync::watch;
 
-use crate::{KeyName, LockError};
+use crate::{KeyName, LockError, WithLockError};
 pub use local::LocalConcurrencyService;
 pub use redis::RedisConcurrencyService;
 
@@ -43,6 +44,7 @@ pub struct LockOptions {
     min_backoff: Duration,
     max_backoff: Duration,
     renew: bool,
+    replicas: Option<(u32, Duration)>,
 }
 
 impl Default for LockOptions {
@@ -55,6 +57,7 @@ impl Default for LockOptions {
             min_backoff: Duration::from_millis(10),
             max_backoff: Duration::from_millis(200),
             renew: true,
+            replicas: None,
         }
     }
 }
@@ -90,6 +93,28 @@ impl LockOptions {
         self
     }
 
+    /// After taking a distributed lock, wait until at least `replicas` replicas have it
+    /// (`WAIT replicas timeout` on the connection that took it), else let it go and fail
+    /// with `LockError::NotReplicated` (default: do not wait). For a primary with replicas:
+    /// a failover right after the acquire then promotes a replica that has the lock, so a
+    /// second holder cannot take it there. It does not make replication synchronous: a
+    /// replica that confirmed can still be lost, the lease keeps counting on the old
+    /// primary's clock, and renewals are not waited for. `WAIT` holds the connection it
+    /// runs on for up to `timeout` (fred queues other commands on it behind). In-process
+    /// locks ignore it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cachet::LockOptions;
+    ///
+    /// let options = LockOptions::default().wait_for_replicas(1, Duration::from_millis(100));
+    /// # let _ = options;
+    /// ```
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = Some((replicas, timeout));
+        self
+    }
+
     /// The lease.
     pub fn lease_duration(&self) -> Duration {
         self.lease
@@ -113,6 +138,13 @@ impl LockOptions {
         }
         if self.lease > Duration::from_secs(crate::MAX_TTL_SECS) {
             return Err(invalid("the lease must be at most 100 years"));
+        }
+        if let Some((replicas, timeout)) = self.replicas {
+            if replicas == 0 || timeout.is_zero() {
+                return Err(invalid(
+                    "wait_for_replicas needs at least one replica and a timeout above zero",
+                ));
+            }
         }
         Ok(())
     }
@@ -278,15 +310,33 @@ pub trait ConcurrencyService: Send + Sync + fmt::Debug {
 /// Running a future under a lock, for every [`ConcurrencyService`].
 pub trait ConcurrencyServiceExt: ConcurrencyService {
     /// Runs `future` while holding the lock on `key` (default [`LockOptions`]) and releases
-    /// it afterwards. The future's own output, errors included, comes back unchanged. If the
-    /// lease was lost while it ran, the result is `LockError::LeaseLost` (the work ran, but
-    /// maybe not alone); a release the server did not answer is not an error (the lease
-    /// frees the lock).
+    /// it afterwards. The future's own output, errors included, comes back unchanged.
+    ///
+    /// If the lease was lost while the work ran (it ran, but maybe not alone), the result is
+    /// [`WithLockError::LeaseLost`] with the work's output in it: the work may have had
+    /// effects (a refresh token rotated) that the caller must not lose. If the lock could
+    /// not be taken, [`WithLockError::Lock`] (the work did not run). `?` turns either into a
+    /// [`LockError`]. A release the server did not answer is not an error (the lease frees
+    /// the lock).
+    ///
+    /// ```
+    /// use cachet::{ConcurrencyServiceExt, LocalConcurrencyService, WithLockError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::LockError> {
+    /// let locks = LocalConcurrencyService::default();
+    /// match locks.with_lock("refresh:alice", async { "new-refresh-token" }).await {
+    ///     Ok(token) => assert_eq!(token, "new-refresh-token"),
+    ///     // Keep what the work produced; others may have run meanwhile.
+    ///     Err(WithLockError::LeaseLost { output, .. }) => { let _ = output; }
+    ///     Err(e) => return Err(e.into()),
+    /// }
+    /// # Ok(()) }
+    /// ```
     fn with_lock<'a, F>(
         &'a self,
         key: &'a str,
         future: F,
-    ) -> impl Future<Output = Result<F::Output, LockError>> + Send + 'a
+    ) -> impl Future<Output = Result<F::Output, WithLockError<F::Output>>> + Send + 'a
     where
         F: Future + Send + 'a,
         F::Output: Send,
@@ -303,7 +353,7 @@ pub trait ConcurrencyServiceExt: ConcurrencyService {
         key: &'a str,
         options: &'a LockOptions,
         future: F,
-    ) -> impl Future<Output = Result<F::Output, LockError>> + Send + 'a
+    ) -> impl Future<Output = Result<F::Output, WithLockError<F::Output>>> + Send + 'a
     where
         F: Future + Send + 'a,
         F::Output: Send,
@@ -311,9 +361,13 @@ pub trait ConcurrencyServiceExt: ConcurrencyService {
         async move {
             let guard = self.acquire(key, options).await?;
             let output = future.await;
+            let lost = guard.is_lost();
             match guard.release().await {
-                Ok(()) | Err(LockError::Backend { .. }) => Ok(output),
-                Err(e) => Err(e),
+                Ok(()) | Err(LockError::Backend { .. }) if !lost => Ok(output),
+                _ => Err(WithLockError::LeaseLost {
+                    key: KeyName::new(key),
+                    output,
+                }),
             }
         }
     }

@@ -1,42 +1,80 @@
 //! Locks on Redis: one holder per key across every process that shares the server.
 
-use std::collections::{BTreeSet, HashMap};
 use std::fmt;
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use fred::prelude::Client;
+use fred::prelude::{Client, ClientLike, ServerInterface};
+use fred::types::ClusterHash;
+use fred::types::config::Options;
 use fred::types::scripts::Script;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 
+use super::keeper::{self, Lease, Leases};
 use super::{ConcurrencyService, HeldLock, LockGuard, LockOptions};
 use crate::{BoxError, KeyName, LockError, RedisCacheService};
 
-/// Sets the lock if free (`SET NX PX`) and, only then, bumps the key's fencing counter
-/// (`KEYS`: lock, fence; `ARGV`: token, lease in ms). Returns the fencing token, or 0.
+/// Takes the lock if it is free, or returns this holder's own lease if the lock already
+/// holds its token (fred sent the command again after a reconnect, or the first reply was
+/// lost). `KEYS`: lock, fence; `ARGV`: token, lease in ms, fence idle time in ms. The lock's
+/// value is `<token>:<fence>`. The fence is `max(stored + 1, server time in µs)`, so it
+/// strictly increases per lock even when the server lost the counter (a flush, a restart,
+/// a failover, the counter's own idle expiry), as long as the server clock does not go back
+/// by more than the time since the last acquisition. Returns the fence, or 0 if someone else
+/// holds the lock.
 pub const ACQUIRE_SCRIPT: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return redis.call('INCR', KEYS[2])
+local mine = ARGV[1] .. ':'
+local held = redis.call('GET', KEYS[1])
+if held then
+  if string.sub(held, 1, #mine) == mine then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+    return tonumber(string.sub(held, #mine + 1))
+  end
+  return 0
 end
-return 0";
+local stored = tonumber(redis.call('GET', KEYS[2])) or 0
+local now = redis.call('TIME')
+local fence = math.max(stored + 1, tonumber(now[1]) * 1000000 + tonumber(now[2]))
+local text = string.format('%d', fence)
+redis.call('SET', KEYS[2], text, 'PX', ARGV[3])
+redis.call('SET', KEYS[1], mine .. text, 'PX', ARGV[2])
+return fence";
 
-/// Deletes the lock only if this holder's token is still in it (`KEYS`: lock; `ARGV`:
-/// token). Returns 1 if it did, else 0.
+/// Deletes the lock only if it holds this holder's token, and leaves a short-lived mark that
+/// this token released it, so that the same release sent again (fred's replay after a
+/// reconnect) is still a success. `KEYS`: lock, released mark; `ARGV`: token, mark lifetime
+/// in ms. Returns 1 if this token released it (now or before), else 0.
 pub const RELEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local mine = ARGV[1] .. ':'
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #mine) == mine then
   redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
   return 1
 end
 return 0";
 
-/// Extends the lease only if this holder's token is still in the lock (`KEYS`: lock;
-/// `ARGV`: token, lease in ms). Returns 1 if it did, else 0.
+/// Extends the lease only if the lock holds this holder's token (`KEYS`: lock; `ARGV`:
+/// token, lease in ms). Returns 1 if it did, else 0.
 pub const RENEW_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+local mine = ARGV[1] .. ':'
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, #mine) == mine then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return 0";
+
+/// How long a fencing counter lives after the last acquisition of its lock (default): after
+/// that it is rebuilt from the server clock.
+pub const DEFAULT_FENCE_IDLE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// How long the mark of a release lives: long enough for fred to send a release again after
+/// a reconnect.
+pub const RELEASED_MARK_TTL: Duration = Duration::from_secs(60);
 
 fn script(slot: &'static OnceLock<Script>, lua: &'static str) -> &'static Script {
     slot.get_or_init(|| Script::from_lua(lua))
@@ -52,7 +90,7 @@ fn release_script() -> &'static Script {
     script(&SCRIPT, RELEASE_SCRIPT)
 }
 
-fn renew_script() -> &'static Script {
+pub(super) fn renew_script() -> &'static Script {
     static SCRIPT: OnceLock<Script> = OnceLock::new();
     script(&SCRIPT, RENEW_SCRIPT)
 }
@@ -62,20 +100,36 @@ pub const DEFAULT_LOCK_PREFIX: &str = "lock:";
 
 /// Distributed locks on Redis (standalone, Cluster, Sentinel, Valkey).
 ///
-/// - acquire: one Lua step sets `lock` to a random token with `NX PX lease` and, only if it
-///   got it, increments the key's fencing counter, whose new value is the guard's fencing
-///   token (strictly increasing per key, across processes; the counter key never expires);
-/// - release: a Lua compare-and-delete, so only the holder's token can delete the lock;
+/// - acquire: one Lua step sets `lock` to `<random token>:<fence>` with `PX lease` if it is
+///   free, and returns the fencing token: `max(last + 1, the server's clock in µs)`, so it
+///   strictly increases per key across processes, and does not go back when the server lost
+///   the counter (a `FLUSHALL`, a restart without persistence, a failover to a replica that
+///   missed it). The assumption: the clock of whichever server is primary does not go back
+///   by more than the time since the lock's last acquisition. The counter key expires after
+///   [`with_fence_idle`](Self::with_fence_idle) (7 days by default) without acquisitions;
+///   it is then rebuilt from the clock. Every key the service writes expires.
+/// - acquire and release are idempotent per token: fred sends a command again after a
+///   reconnect when its reply did not arrive; an acquire that finds its own token returns
+///   that lease, a release whose token released the lock already is a success. An
+///   acquisition dropped before it returned (a request timeout, a client gone) releases its
+///   token in the background, so it never leaves the lock held with nobody to let it go.
+/// - release: a compare-and-delete, so only the holder's token can delete the lock;
 /// - while the guard lives, its lease is extended (compare-and-`PEXPIRE`) every third of the
-///   lease, by one keeper task per service (taking a lock spawns nothing); if the lock is
-///   gone or someone else's, or the server cannot be reached for a whole lease, the guard is
-///   marked lost ([`LockGuard::is_lost`], [`LockGuard::lost`]);
+///   lease, by one keeper task per service (taking a lock spawns nothing). The guard is
+///   marked lost ([`LockGuard::is_lost`], [`LockGuard::lost`]) when the lock is found gone
+///   or someone else's, and in any case at the lease's end counted from the send time of the
+///   last command that set or extended it (less a clock drift allowance of 1% + 2 ms) unless
+///   a renewal confirmed first: whatever the server does (a pause, a cut network), the
+///   holder knows before anyone else can take the lock.
+/// - [`LockOptions::wait_for_replicas`]: after acquiring, `WAIT` for replicas, or let the
+///   lock go and fail with `LockError::NotReplicated`.
 /// - waiting retries with doubling, jittered delays, and gives up with `LockError::Timeout`
 ///   after the wait timeout; a server that does not answer is `LockError::Backend` within the
 ///   command timeout.
 ///
-/// Keys: `lock:{<hash of key>}:L:<key>` and `lock:{<hash of key>}:F:<key>` (the hash tag puts
-/// both in one cluster slot).
+/// Keys: `lock:{<hash of key>}:L:<key>` (the lock), `...:F:<key>` (the fencing counter) and
+/// `...:R:<key>` (the mark of the last release, 60 s); the hash tag puts them in one cluster
+/// slot.
 ///
 /// ```no_run
 /// use cachet::{ConcurrencyServiceExt, RedisConcurrencyService};
@@ -91,6 +145,7 @@ pub const DEFAULT_LOCK_PREFIX: &str = "lock:";
 pub struct RedisConcurrencyService {
     redis: RedisCacheService,
     prefix: String,
+    fence_idle: Duration,
     leases: Arc<Leases>,
 }
 
@@ -106,6 +161,7 @@ impl RedisConcurrencyService {
         RedisConcurrencyService {
             redis,
             prefix: DEFAULT_LOCK_PREFIX.to_owned(),
+            fence_idle: DEFAULT_FENCE_IDLE,
             leases: Arc::default(),
         }
     }
@@ -116,14 +172,42 @@ impl RedisConcurrencyService {
         self
     }
 
-    /// The Redis key that holds the lock on `key` (and the holder's token while held).
+    /// How long a lock's fencing counter lives after its last acquisition (default 7 days,
+    /// at least 1 ms). Tokens stay increasing after it expired as long as the server clock
+    /// did not go back by more than this.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use cachet::RedisConcurrencyService;
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), cachet::LockError> {
+    /// let locks = RedisConcurrencyService::new("redis://127.0.0.1:6379")
+    ///     .await?
+    ///     .with_fence_idle(Duration::from_secs(24 * 3600));
+    /// # let _ = locks; Ok(()) }
+    /// ```
+    pub fn with_fence_idle(mut self, idle: Duration) -> Self {
+        self.fence_idle = idle.max(Duration::from_millis(1));
+        self
+    }
+
+    /// The Redis key that holds the lock on `key` (`<token>:<fence>` while held).
     pub fn lock_key(&self, key: &str) -> String {
-        format!("{}{{{:016x}}}:L:{key}", self.prefix, fnv1a(key))
+        self.key_of(key, 'L')
     }
 
     /// The Redis key of `key`'s fencing counter.
     pub fn fence_key(&self, key: &str) -> String {
-        format!("{}{{{:016x}}}:F:{key}", self.prefix, fnv1a(key))
+        self.key_of(key, 'F')
+    }
+
+    /// The Redis key of the mark left by `key`'s last release.
+    pub fn released_key(&self, key: &str) -> String {
+        self.key_of(key, 'R')
+    }
+
+    fn key_of(&self, key: &str, kind: char) -> String {
+        format!("{}{{{:016x}}}:{kind}:{key}", self.prefix, fnv1a(key))
     }
 
     fn backend(&self, operation: &'static str, key: &str, source: BoxError) -> LockError {
@@ -134,6 +218,29 @@ impl RedisConcurrencyService {
             source,
         }
     }
+
+    /// `WAIT required <timeout>` on the connection (and, on a cluster, the node) that took
+    /// the lock: how many replicas confirmed it.
+    async fn replicas_acknowledged(
+        &self,
+        held: &RedisHeld,
+        required: u32,
+        timeout: Duration,
+    ) -> Result<u32, LockError> {
+        let slot = fred::util::redis_keyslot(self.lock_key(&held.key).as_bytes());
+        let options = Options {
+            cluster_hash: Some(ClusterHash::Custom(slot)),
+            timeout: Some(timeout + self.redis.command_timeout()),
+            ..Options::default()
+        };
+        let timeout_ms = i64::try_from(millis(timeout)).unwrap_or(i64::MAX);
+        held.client
+            .with_options(&options)
+            .wait::<i64>(i64::from(required), timeout_ms)
+            .await
+            .map(|n| u32::try_from(n).unwrap_or(0))
+            .map_err(|e| self.backend("wait for replicas", &held.key, Box::new(e)))
+    }
 }
 
 impl fmt::Debug for RedisConcurrencyService {
@@ -141,6 +248,7 @@ impl fmt::Debug for RedisConcurrencyService {
         f.debug_struct("RedisConcurrencyService")
             .field("server", &self.redis.server())
             .field("prefix", &self.prefix)
+            .field("fence_idle", &self.fence_idle)
             .finish()
     }
 }
@@ -153,32 +261,40 @@ fn fnv1a(text: &str) -> u64 {
     })
 }
 
-/// A token no other holder has: 128 random bits, in hex.
+/// A token no other holder has: 128 random bits, in hex (never a `:`).
 fn random_token() -> String {
     let (a, b) = (super::random_u64(), super::random_u64());
     format!("{a:016x}{b:016x}{:08x}", std::process::id())
 }
 
-fn millis(duration: Duration) -> u64 {
+pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A held Redis lock: what releasing and renewing need.
+/// A held Redis lock, or one being taken: what releasing needs. Commands for one token go
+/// through one client (one connection per server), so a release queued behind its acquire
+/// runs after it, replays included.
 struct RedisHeld {
     service: RedisConcurrencyService,
+    client: Client,
     key: String,
     token: String,
-    /// This hold's entry in the service's lease keeper.
-    lease_id: u64,
+    /// This hold's entry in the service's lease keeper, once it holds.
+    lease_id: Option<u64>,
 }
 
 impl RedisHeld {
     async fn release_now(self) -> Result<(), LockError> {
-        self.service.leases.forget(self.lease_id);
-        let client = self.service.redis.client().clone();
-        let keys = vec![self.service.lock_key(&self.key)];
+        if let Some(id) = self.lease_id {
+            self.service.leases.forget(id);
+        }
+        let keys = vec![
+            self.service.lock_key(&self.key),
+            self.service.released_key(&self.key),
+        ];
+        let args = vec![self.token.clone(), millis(RELEASED_MARK_TTL).to_string()];
         let released = release_script()
-            .evalsha_with_reload::<i64, _, _>(&client, keys, vec![self.token.clone()])
+            .evalsha_with_reload::<i64, _, _>(&self.client, keys, args)
             .await
             .map_err(|e| self.service.backend("release", &self.key, Box::new(e)))?;
         if released == 1 {
@@ -189,6 +305,15 @@ impl RedisHeld {
             })
         }
     }
+
+    fn release_in_background_now(self) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let _ = self.release_now().await;
+            });
+        }
+        // Without a runtime the lease frees the lock by itself.
+    }
 }
 
 #[async_trait]
@@ -198,182 +323,24 @@ impl HeldLock for RedisHeld {
     }
 
     fn release_in_background(self: Box<Self>) {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let _ = (*self).release_now().await;
-            });
-        }
-        // Without a runtime the lease frees the lock by itself.
+        (*self).release_in_background_now();
     }
 }
 
-/// One held lease, as the keeper tracks it.
-struct Lease {
-    lock_key: String,
-    token: String,
-    lease: Duration,
-    renew: bool,
-    /// Until when the lease is known to hold (the last successful write or renewal + lease).
-    valid_until: Instant,
-    lost: watch::Sender<bool>,
-}
+/// An acquisition in progress: dropped before it returned (cancelled), it releases its
+/// token in the background, since a script it sent may have taken the lock.
+struct Pending(Option<RedisHeld>);
 
-/// The leases of one service and the one task that keeps them: it renews each about every
-/// third of its lease (compare-and-`PEXPIRE`) and marks a guard lost when its lock is gone,
-/// someone else's, or unreachable for a whole lease. Taking and releasing a lock only
-/// touch this map (no task per lock); the keeper is woken only when a new lease is due
-/// before everything it already waits for.
-#[derive(Default)]
-struct Leases {
-    state: Mutex<LeaseState>,
-    wake: Arc<Notify>,
-}
-
-#[derive(Default)]
-struct LeaseState {
-    next_id: u64,
-    held: HashMap<u64, Lease>,
-    /// (when to look at it next, id); entries of released leases are skipped when due.
-    schedule: BTreeSet<(Instant, u64)>,
-    /// The instant the keeper sleeps until, if it is running.
-    keeper_wakes_at: Option<Instant>,
-    keeper: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, LeaseState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Tracks a new lease; starts the keeper if needed, wakes it if this lease is due first.
-    fn track(self: &Arc<Self>, client: &Client, lease: Lease) -> u64 {
-        let due = next_look(&lease);
-        let mut state = self.lock();
-        state.next_id += 1;
-        let id = state.next_id;
-        state.held.insert(id, lease);
-        state.schedule.insert((due, id));
-        let running = state.keeper.as_ref().is_some_and(|k| !k.is_finished());
-        if !running {
-            state.keeper_wakes_at = None;
-            let keeper = keep_leases(Arc::downgrade(self), Arc::clone(&self.wake), client.clone());
-            state.keeper = Some(tokio::spawn(keeper));
-        } else if state.keeper_wakes_at.is_none_or(|at| due < at) {
-            self.wake.notify_one();
-        }
-        id
-    }
-
-    fn forget(&self, id: u64) {
-        self.lock().held.remove(&id);
+impl Pending {
+    fn disarm(&mut self) -> RedisHeld {
+        self.0.take().expect("disarmed once")
     }
 }
 
-impl Drop for Leases {
+impl Drop for Pending {
     fn drop(&mut self) {
-        if let Some(keeper) = self.lock().keeper.take() {
-            keeper.abort();
-        }
-    }
-}
-
-/// When the keeper should look at `lease` next.
-fn next_look(lease: &Lease) -> Instant {
-    if lease.renew {
-        Instant::now() + lease.lease / 3
-    } else {
-        lease.valid_until
-    }
-}
-
-/// The keeper task of one service; ends when the service is gone.
-async fn keep_leases(leases: Weak<Leases>, wake: Arc<Notify>, client: Client) {
-    loop {
-        let Some(shared) = leases.upgrade() else {
-            return;
-        };
-        // Take what is due; note when to wake next.
-        let now = Instant::now();
-        let mut due = Vec::new();
-        let wake_at = {
-            let mut state = shared.lock();
-            while let Some(&(at, id)) = state.schedule.first() {
-                if at > now {
-                    break;
-                }
-                state.schedule.pop_first();
-                if let Some(lease) = state.held.get(&id) {
-                    due.push((
-                        id,
-                        lease.lock_key.clone(),
-                        lease.token.clone(),
-                        lease.lease,
-                        lease.renew,
-                    ));
-                }
-            }
-            let wake_at = state.schedule.first().map(|&(at, _)| at);
-            state.keeper_wakes_at = if due.is_empty() { wake_at } else { Some(now) };
-            wake_at
-        };
-
-        if due.is_empty() {
-            // Hold no strong reference while asleep: dropping the service ends this task.
-            drop(shared);
-            let notified = wake.notified();
-            match wake_at {
-                Some(at) => {
-                    tokio::select! {
-                        _ = notified => {}
-                        _ = tokio::time::sleep_until(at.into()) => {}
-                    }
-                }
-                None => notified.await,
-            }
-            continue;
-        }
-
-        let renewals = due.into_iter().map(|(id, lock_key, token, lease, renew)| {
-            let client = client.clone();
-            async move {
-                if !renew {
-                    return (id, None);
-                }
-                let args = vec![token, millis(lease).to_string()];
-                let result = renew_script()
-                    .evalsha_with_reload::<i64, _, _>(&client, vec![lock_key], args)
-                    .await;
-                (id, Some(result))
-            }
-        });
-        let results = futures_util::future::join_all(renewals).await;
-        let now = Instant::now();
-        let mut state = shared.lock();
-        for (id, result) in results {
-            let Some(lease) = state.held.get_mut(&id) else {
-                continue;
-            };
-            let lost = match result {
-                None => true, // not renewing: the lease has run out
-                Some(Ok(1)) => {
-                    lease.valid_until = now + lease.lease;
-                    false
-                }
-                Some(Ok(_)) => true, // gone, or someone else's
-                Some(Err(_)) => now >= lease.valid_until,
-            };
-            if lost {
-                let _ = lease.lost.send(true);
-                state.held.remove(&id);
-            } else {
-                let lease = &state.held[&id];
-                let next = if now >= lease.valid_until {
-                    now
-                } else {
-                    next_look(lease)
-                };
-                state.schedule.insert((next, id));
-            }
+        if let Some(held) = self.0.take() {
+            held.release_in_background_now();
         }
     }
 }
@@ -384,40 +351,77 @@ impl ConcurrencyService for RedisConcurrencyService {
         options.check(key)?;
         let client = self.redis.client().clone();
         let token = random_token();
+        let mut pending = Pending(Some(RedisHeld {
+            service: self.clone(),
+            client: client.clone(),
+            key: key.to_owned(),
+            token: token.clone(),
+            lease_id: None,
+        }));
         let keys = vec![self.lock_key(key), self.fence_key(key)];
-        let args = vec![token.clone(), millis(options.lease).to_string()];
+        let args = vec![
+            token.clone(),
+            millis(options.lease).to_string(),
+            millis(self.fence_idle).to_string(),
+        ];
         let started = Instant::now();
         let mut attempt = 0;
         loop {
             // The lease counts from before the request left: never later than the server's.
-            let started_try = Instant::now();
+            let sent = Instant::now();
             let fence = acquire_script()
                 .evalsha_with_reload::<i64, _, _>(&client, keys.clone(), args.clone())
                 .await
                 .map_err(|e| self.backend("acquire", key, Box::new(e)))?;
             if fence > 0 {
                 let (lost_tx, lost_rx) = watch::channel(false);
-                let lease_id = self.leases.track(
-                    &client,
-                    Lease {
-                        lock_key: self.lock_key(key),
-                        token: token.clone(),
-                        lease: options.lease,
-                        renew: options.renew,
-                        valid_until: started_try + options.lease,
-                        lost: lost_tx,
-                    },
-                );
-                let held = RedisHeld {
-                    service: self.clone(),
-                    key: key.to_owned(),
-                    token,
-                    lease_id,
-                };
+                let mut held = pending.disarm();
+                held.lease_id = Some(self.leases.track(Lease {
+                    client: client.clone(),
+                    lock_key: self.lock_key(key),
+                    token: token.clone(),
+                    lease: options.lease,
+                    renew: options.renew,
+                    valid_until: keeper::valid_until(sent, options.lease),
+                    lost: lost_tx,
+                }));
+                if let Some((required, timeout)) = options.replicas {
+                    // Dropped while it waits, the lock is let go (in the background).
+                    let mut waiting = Pending(Some(held));
+                    let started = Instant::now();
+                    let acknowledged = self
+                        .replicas_acknowledged(
+                            waiting.0.as_ref().expect("armed"),
+                            required,
+                            timeout,
+                        )
+                        .await;
+                    let held = waiting.disarm();
+                    match acknowledged {
+                        Ok(n) if n >= required => {}
+                        Ok(acknowledged) => {
+                            // Taken, but a failover may not keep it: let it go.
+                            let _ = held.release_now().await;
+                            return Err(LockError::NotReplicated {
+                                key: KeyName::new(key),
+                                acknowledged,
+                                required,
+                                waited: started.elapsed(),
+                            });
+                        }
+                        Err(e) => {
+                            held.release_in_background_now();
+                            return Err(e);
+                        }
+                    }
+                    return Ok(LockGuard::new(key, fence as u64, lost_rx, Box::new(held)));
+                }
                 return Ok(LockGuard::new(key, fence as u64, lost_rx, Box::new(held)));
             }
             let waited = started.elapsed();
             if waited >= options.wait_timeout {
+                // Every try was answered "held by someone else": nothing of ours to let go.
+                let _ = pending.disarm();
                 return Err(LockError::Timeout {
                     key: KeyName::new(key),
                     waited,
