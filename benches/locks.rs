@@ -3,8 +3,9 @@
 //!
 //! - `lock_uncontended`: `RedisConcurrencyService` acquire + release vs raw fred `SET NX PX`
 //!   then `EVALSHA` of a compare-and-delete script (the same two round trips), and vs raw
-//!   fred running cachet's own acquire script (lock + fencing counter in one Lua step), which
-//!   separates what fencing costs the server from what cachet costs the client;
+//!   fred running cachet's own acquire and release scripts (lock + clock-based fence + counter
+//!   expiry in one Lua step; compare-and-delete + release mark), which separates what fencing
+//!   and idempotence cost the server from what cachet costs the client;
 //! - `lock_contended_16_tasks`: 16 tasks taking turns on one key, time per lock/unlock
 //!   cycle, Redis and in-process.
 //!
@@ -27,6 +28,13 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use fred::prelude::{Expiration, KeysInterface, SetOptions};
 use fred::types::scripts::Script;
 
+/// Compare-and-delete (`KEYS`: lock; `ARGV`: token), the usual release of a `SET NX PX` lock.
+const RAW_RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0";
+
 fn uncontended(c: &mut Criterion) {
     let server = support::RedisServer::start();
     let rt = common::multi_thread_runtime();
@@ -35,10 +43,13 @@ fn uncontended(c: &mut Criterion) {
         let raw = RedisCacheService::new(&server.url(), 300).await.unwrap();
         (locks, raw)
     });
-    let script = Script::from_lua(cachet::lock::redis::RELEASE_SCRIPT);
+    // The textbook release: compare-and-delete.
+    let script = Script::from_lua(RAW_RELEASE);
     rt.block_on(script.load(raw.client())).unwrap();
     let acquire = Script::from_lua(cachet::lock::redis::ACQUIRE_SCRIPT);
     rt.block_on(acquire.load(raw.client())).unwrap();
+    let release = Script::from_lua(cachet::lock::redis::RELEASE_SCRIPT);
+    rt.block_on(release.load(raw.client())).unwrap();
     let options = LockOptions::default();
 
     let mut group = c.benchmark_group("lock_uncontended");
@@ -77,12 +88,16 @@ fn uncontended(c: &mut Criterion) {
                 let client = raw.client();
                 let keys = vec!["bench:{raw}:lock", "bench:{raw}:fence"];
                 let fence: i64 = acquire
-                    .evalsha(client, keys, vec!["token-1234", "30000"])
+                    .evalsha(client, keys, vec!["token-1234", "30000", "604800000"])
                     .await
                     .unwrap();
                 assert!(fence > 0, "raw lock taken");
-                let released: i64 = script
-                    .evalsha(client, vec!["bench:{raw}:lock"], vec!["token-1234"])
+                let released: i64 = release
+                    .evalsha(
+                        client,
+                        vec!["bench:{raw}:lock", "bench:{raw}:released"],
+                        vec!["token-1234", "60000"],
+                    )
                     .await
                     .unwrap();
                 assert_eq!(released, 1);
