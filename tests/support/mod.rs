@@ -16,11 +16,16 @@
 //! read end of a pipe whose write end only the test process has: when the test process ends
 //! in any way (normal exit with servers held in statics, a panic, SIGKILL), the pipe closes
 //! and the watchdog kills the server's process group and removes its temp dir.
+//!
+//! [`Netns`] makes a network namespace joined to the test's own by veth links, so that a
+//! server started in it ([`RedisServer::start_in_netns`]) can lose one network path while
+//! others stay up. It needs root and `ip` (iproute2); a watchdog deletes the namespace too.
 
 #![allow(dead_code)]
 
 pub mod binaries;
 mod cluster;
+mod netns;
 mod ports;
 mod proxy;
 mod resp;
@@ -31,6 +36,7 @@ mod server;
 #[allow(unused_imports)]
 pub use self::{
     cluster::RedisCluster,
+    netns::{Netns, Veth, ip_binary},
     ports::{free_port, release_port},
     proxy::Proxy,
     resp::{Resp, resp_command, resp_request},

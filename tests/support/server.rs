@@ -1,8 +1,9 @@
 //! One `redis-server` / `valkey-server` (or sentinel) process on a free loopback port.
 
+use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{self, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -12,6 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::binaries;
+use super::netns::Netns;
 use super::ports::{free_port, release_port, reservation_files};
 use super::resp::{self, Resp};
 
@@ -38,8 +40,43 @@ pub(crate) struct Launch {
     pub(crate) extra_args: Vec<String>,
 }
 
+/// Where a server listens and in which network namespace it runs; kept, like [`Launch`], so
+/// that `restart()` puts it back in the same place.
+#[derive(Clone, Debug)]
+struct Placement {
+    /// The `--bind` addresses; the first one is the address [`RedisServer::url`] names.
+    bind: Vec<String>,
+    /// `None`: the test process's own namespace.
+    netns: Option<InNetns>,
+}
+
+/// How to run a command inside a named network namespace (`ip netns exec <name> ...`).
+#[derive(Clone, Debug)]
+struct InNetns {
+    ip: PathBuf,
+    name: String,
+}
+
+impl InNetns {
+    fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new(&self.ip);
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+}
+
+impl Placement {
+    fn loopback() -> Self {
+        Placement {
+            bind: vec!["127.0.0.1".to_string()],
+            netns: None,
+        }
+    }
+}
+
 /// One server process on 127.0.0.1, on a port of its own, with its own temp dir (data dir,
-/// log, and config file if any).
+/// log, and config file if any). [`start_in_netns`](Self::start_in_netns) runs one inside a
+/// network namespace instead.
 ///
 /// Runs with `--port P --bind 127.0.0.1 --save "" --appendonly no --daemonize no --dir <dir>
 /// --logfile <dir>/server.log` plus the extra arguments. All methods take `&self` (the
@@ -50,6 +87,7 @@ pub(crate) struct Launch {
 /// test process dies without dropping it.
 pub struct RedisServer {
     launch: Launch,
+    placement: Placement,
     port: u16,
     dir: PathBuf,
     password: Option<String>,
@@ -91,9 +129,52 @@ impl RedisServer {
         })
     }
 
+    /// Starts `redis-server` inside the network namespace `netns` (through `ip netns exec`),
+    /// listening on `bind` (addresses of the namespace's interfaces) and on the namespace's own
+    /// 127.0.0.1, and waits until it answers `PING` there. The process keeps its pid across
+    /// `ip netns exec` (it execs, no fork), so kill, drop and the watchdog work as for any
+    /// server. [`url`](Self::url) and [`addr`](Self::addr) name `bind[0]`; [`cli`](Self::cli)
+    /// runs `redis-cli` inside the namespace against its 127.0.0.1, so it works whatever
+    /// happens to the links. [`command`](Self::command) and [`request`](Self::request) talk
+    /// to 127.0.0.1 of the test's own namespace, so for this server they return an error
+    /// rather than reach some other server.
+    pub fn start_in_netns(netns: &Netns, bind: &[&str], extra_args: &[&str]) -> Self {
+        assert!(
+            !bind.is_empty(),
+            "start_in_netns needs at least one address"
+        );
+        let binary = binaries::redis_server();
+        let mut addresses: Vec<String> = bind.iter().map(|s| s.to_string()).collect();
+        addresses.push("127.0.0.1".to_string());
+        // Without a password, protected mode refuses every client not on loopback, and the
+        // clients come over the namespace's links. Those reach only this machine.
+        let mut args = vec!["--protected-mode".to_string(), "no".to_string()];
+        args.extend(extra_args.iter().map(|s| s.to_string()));
+        Self::launch_placed(
+            Launch {
+                label: "redis-server-netns".to_string(),
+                binary,
+                config: None,
+                leading_args: Vec::new(),
+                extra_args: args,
+            },
+            Placement {
+                bind: addresses,
+                netns: Some(InNetns {
+                    ip: netns.ip_binary().to_path_buf(),
+                    name: netns.name().to_string(),
+                }),
+            },
+        )
+    }
+
     /// Starts a server as `launch` says, on a free port, retrying on a new port when another
     /// process took the port first.
     pub(crate) fn launch(launch: Launch) -> Self {
+        Self::launch_placed(launch, Placement::loopback())
+    }
+
+    fn launch_placed(launch: Launch, placement: Placement) -> Self {
         let mut last_error = String::new();
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
@@ -110,6 +191,7 @@ impl RedisServer {
             let watchdog = Watchdog::spawn(&dir, &reservation_files(port));
             let server = RedisServer {
                 launch: launch.clone(),
+                placement: placement.clone(),
                 port,
                 dir,
                 password,
@@ -133,19 +215,26 @@ impl RedisServer {
         );
     }
 
-    /// The port it listens on (on 127.0.0.1).
+    /// The port it listens on (on 127.0.0.1, or on each address of a namespaced server).
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// `redis://127.0.0.1:P` (no credentials, even when it has a password).
+    /// `redis://127.0.0.1:P` (no credentials, even when it has a password); for a server in a
+    /// network namespace, its first bind address instead of 127.0.0.1.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        format!("redis://{}", self.addr())
     }
 
-    /// `host:port` as `127.0.0.1:P`.
+    /// `host:port` as `127.0.0.1:P` (the first bind address for a server in a namespace).
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.placement.bind[0], self.port)
+    }
+
+    /// The network namespace it runs in, if [`start_in_netns`](Self::start_in_netns) started
+    /// it.
+    pub fn netns(&self) -> Option<&str> {
+        self.placement.netns.as_ref().map(|ns| ns.name.as_str())
     }
 
     /// Its temp dir (data, `server.log`, `stdio.log`, `server.conf`, `nodes.conf`).
@@ -213,7 +302,12 @@ impl RedisServer {
     /// cannot run or exits non-zero. Options for redis-cli go first in `args`
     /// (`&["--raw", "GET", "k"]`).
     pub fn cli(&self, args: &[&str]) -> String {
-        run_cli(self.port, self.password.as_deref(), args)
+        run_cli_in(
+            self.placement.netns.as_ref(),
+            self.port,
+            self.password.as_deref(),
+            args,
+        )
     }
 
     /// Sends one command over a raw RESP connection (authenticated with `--requirepass`, if
@@ -230,6 +324,12 @@ impl RedisServer {
     /// Sends one command over a raw RESP connection (authenticated with `--requirepass`, if
     /// it was given) and returns the reply.
     pub fn request(&self, args: &[&str]) -> std::io::Result<Resp> {
+        if let Some(netns) = &self.placement.netns {
+            return Err(io::Error::other(format!(
+                "this server runs in network namespace {}: 127.0.0.1:{} here is not it (use cli)",
+                netns.name, self.port
+            )));
+        }
         resp::request(
             self.port,
             self.password.as_deref(),
@@ -284,14 +384,18 @@ impl RedisServer {
         let stdio_err = stdio
             .try_clone()
             .map_err(|e| format!("dup stdio.log: {e}"))?;
-        let mut command = Command::new(&self.launch.binary);
+        let mut command = match &self.placement.netns {
+            Some(netns) => netns.command(&self.launch.binary),
+            None => Command::new(&self.launch.binary),
+        };
         if self.launch.config.is_some() {
             command.arg(self.dir.join("server.conf"));
         }
         command
             .args(&self.launch.leading_args)
             .args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
+            .arg("--bind")
+            .args(&self.placement.bind)
             .args(["--save", ""])
             .args(["--appendonly", "no"])
             .args(["--daemonize", "no"])
@@ -345,6 +449,20 @@ impl RedisServer {
     }
 
     fn answers_ping(&self) -> bool {
+        if let Some(netns) = &self.placement.netns {
+            // From inside the namespace, on its loopback: the test's own 127.0.0.1:P could be
+            // another process's server.
+            let output = netns
+                .command(&binaries::redis_cli())
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "PING"])
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output();
+            return output.is_ok_and(|o| {
+                let text = String::from_utf8_lossy(&o.stdout);
+                text.contains("PONG") || text.contains("NOAUTH")
+            });
+        }
         match resp::request(self.port, None, &["PING"], Duration::from_millis(500)) {
             Ok(Resp::Simple(s)) => s == "PONG",
             Ok(Resp::Error(e)) => e.starts_with("NOAUTH"),
@@ -381,8 +499,9 @@ impl Drop for RedisServer {
 /// the `Watchdog` is dropped or when the test process ends in any way; then the watchdog
 /// SIGKILLs the process group whose id is in the pid file (if the file is there) and removes
 /// the temp dir. It runs in its own process group and ignores terminal signals, so a Ctrl-C
-/// that kills the test process does not kill it first.
-struct Watchdog {
+/// that kills the test process does not kill it first. [`Watchdog::spawn_script`] runs
+/// another cleanup script the same way (the network namespaces use it).
+pub(crate) struct Watchdog {
     child: Child,
     stdin: Option<ChildStdin>,
 }
@@ -399,13 +518,21 @@ for f in "$@"; do [ "$(cat "$f" 2>/dev/null)" = "$PPID_AT_START" ] && rm -f "$f"
 
 impl Watchdog {
     fn spawn(dir: &Path, reservations: &[PathBuf]) -> Self {
+        let pid_file = dir.join("server.pid.watchdog");
+        let mut args: Vec<&OsStr> = vec![pid_file.as_os_str(), dir.as_os_str()];
+        args.extend(reservations.iter().map(|p| p.as_os_str()));
+        Self::spawn_script(WATCHDOG_SCRIPT, &args)
+    }
+
+    /// Runs `script` (`sh -c`, with `args` as `$1...` and `$PPID_AT_START` set to this
+    /// process's pid) once the pipe closes. The script must read its stdin to EOF first
+    /// (`while read -r _line; do :; done`) and should ignore terminal signals.
+    pub(crate) fn spawn_script(script: &str, args: &[&OsStr]) -> Self {
         let mut child = Command::new("sh")
             .arg("-c")
-            .arg(WATCHDOG_SCRIPT)
+            .arg(script)
             .arg("cachet-test-watchdog")
-            .arg(dir.join("server.pid.watchdog"))
-            .arg(dir)
-            .args(reservations)
+            .args(args)
             .env("PPID_AT_START", std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
@@ -418,7 +545,7 @@ impl Watchdog {
     }
 
     /// Closes the pipe (the watchdog then cleans up whatever is left) and waits for it.
-    fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         drop(self.stdin.take());
         let _ = self.child.wait();
     }
@@ -482,8 +609,15 @@ pub(crate) fn info_value(info: &str, field: &str) -> Option<String> {
 }
 
 pub(crate) fn run_cli(port: u16, password: Option<&str>, args: &[&str]) -> String {
+    run_cli_in(None, port, password, args)
+}
+
+fn run_cli_in(netns: Option<&InNetns>, port: u16, password: Option<&str>, args: &[&str]) -> String {
     let cli = binaries::redis_cli();
-    let mut command = Command::new(&cli);
+    let mut command = match netns {
+        Some(netns) => netns.command(&cli),
+        None => Command::new(&cli),
+    };
     command.args(["-h", "127.0.0.1", "-p", &port.to_string()]);
     if let Some(password) = password {
         command.args(["--no-auth-warning", "-a", password]);
@@ -495,8 +629,11 @@ pub(crate) fn run_cli(port: u16, password: Option<&str>, args: &[&str]) -> Strin
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", cli.display()));
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     if !output.status.success() {
+        let place = netns
+            .map(|n| format!(" in netns {}", n.name))
+            .unwrap_or_default();
         panic!(
-            "redis-cli -p {port} {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
+            "redis-cli -p {port}{place} {args:?} failed ({}):\nstdout: {stdout}\nstderr: {}",
             output.status,
             String::from_utf8_lossy(&output.stderr)
         );
