@@ -971,7 +971,7 @@ mod tests {
         assert_eq!(resolver.store().loads.load(Ordering::SeqCst), 0);
     }
 
-    const MAX_LEN_PLUS_ONE: usize = crate::org::MAX_ORG_IDENT_LEN + 1;
+    const MAX_LEN_PLUS_ONE: usize = crate::org::MAX_ID_LEN + 1;
 
     #[tokio::test]
     async fn store_down_with_nothing_cached_is_503_without_the_error_text() {

@@ -30,8 +30,13 @@ pub const DEFAULT_ORG_TTL_SECS: u64 = 300;
 pub const DEFAULT_ORG_NEGATIVE_TTL_SECS: u64 = 30;
 /// Default bound on one store call: 10 seconds.
 pub const DEFAULT_ORG_LOAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// The longest slug or id accepted, in bytes.
-pub const MAX_ORG_IDENT_LEN: usize = 256;
+/// The longest slug accepted: 63 characters (a DNS label, so a slug can be a subdomain).
+pub const MAX_SLUG_LEN: usize = 63;
+/// The longest id accepted: 128 characters.
+pub const MAX_ID_LEN: usize = 128;
+/// The longest slug or id accepted before slugs and ids got their own bounds.
+#[deprecated(since = "0.2.0", note = "use MAX_SLUG_LEN or MAX_ID_LEN")]
+pub const MAX_ORG_IDENT_LEN: usize = MAX_ID_LEN;
 
 /// What an org context must say about itself: its slug and its id, which name its two cache
 /// keys.
@@ -203,28 +208,24 @@ pub fn id_key(id: &str) -> String {
     format!("org:id:{id}")
 }
 
-/// Checks a slug or id taken from a request: not empty, at most [`MAX_ORG_IDENT_LEN`] bytes,
-/// no control characters or whitespace, and (slugs) no `:`, so that `org:<slug>` can never
-/// be mistaken for `org:id:<id>`.
-fn check_ident(what: &str, value: &str, allow_colon: bool) -> Result<(), CacheError> {
+/// Checks a slug or id taken from a request: 1 to `max` characters, each an ASCII letter,
+/// digit, `-` or `_`. Nothing else gets near the store or the cache: no `/`, `.`, `\`,
+/// `%`, `:`, glob characters, whitespace or non-ASCII look-alikes.
+fn check_ident(what: &str, value: &str, max: usize) -> Result<(), CacheError> {
     let problem = if value.is_empty() {
         Some("is empty".to_owned())
-    } else if value.len() > MAX_ORG_IDENT_LEN {
+    } else if value.len() > max {
         Some(format!(
-            "is {} bytes, longer than {MAX_ORG_IDENT_LEN}",
-            value.len()
+            "is {} characters, longer than {max}",
+            value.chars().count()
         ))
-    } else if value
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace() || (!allow_colon && c == ':'))
-    {
-        Some(if allow_colon {
-            "contains whitespace or a control character".to_owned()
-        } else {
-            "contains ':', whitespace or a control character".to_owned()
-        })
     } else {
-        None
+        value
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+            .map(|bad| {
+                format!("contains {bad:?}: only ASCII letters, digits, '-' and '_' are allowed")
+            })
     };
     match problem {
         Some(problem) => Err(CacheError::invalid_argument(
@@ -235,10 +236,46 @@ fn check_ident(what: &str, value: &str, allow_colon: bool) -> Result<(), CacheEr
     }
 }
 
-/// Checks a slug the way [`OrgResolver::by_slug`] does before it reads the cache: not
-/// empty, at most [`MAX_ORG_IDENT_LEN`] bytes, no whitespace, control character or `:`.
-/// A malformed slug is [`CacheError::InvalidArgument`]. Use it to tell a bad identifier
-/// from a request apart from other errors before resolving.
+/// The canonical form of a slug: checked (1 to [`MAX_SLUG_LEN`] ASCII letters, digits, `-`
+/// and `_`) and lowercased. [`OrgResolver`] caches, loads and invalidates by this form, so
+/// `Acme` and `ACME` share one entry and one invalidation, and the store is handed the
+/// canonical slug. Anything else is [`CacheError::InvalidArgument`], before the store or the
+/// cache is touched. Apps that key other things by slug can use it too.
+///
+/// ```
+/// use cachet::org::canonical_slug;
+///
+/// assert_eq!(canonical_slug("Acme-Corp_2")?, "acme-corp_2");
+/// for bad in ["../../admin", "a/b", "a%2Fb", "a:b", "*", "", "ａcme"] {
+///     assert!(canonical_slug(bad).is_err(), "{bad}");
+/// }
+/// # Ok::<(), cachet::CacheError>(())
+/// ```
+pub fn canonical_slug(slug: &str) -> Result<String, CacheError> {
+    check_ident("slug", slug, MAX_SLUG_LEN)?;
+    Ok(slug.to_ascii_lowercase())
+}
+
+/// The canonical form of an id: checked (1 to [`MAX_ID_LEN`] ASCII letters, digits, `-` and
+/// `_`) and otherwise unchanged (ids are compared exactly: lowercase them first if your
+/// store treats them case-insensitively).
+///
+/// ```
+/// use cachet::org::canonical_id;
+///
+/// assert_eq!(canonical_id("42")?, "42");
+/// assert!(canonical_id("4/2").is_err());
+/// # Ok::<(), cachet::CacheError>(())
+/// ```
+pub fn canonical_id(id: &str) -> Result<String, CacheError> {
+    check_ident("id", id, MAX_ID_LEN)?;
+    Ok(id.to_owned())
+}
+
+/// Checks a slug the way [`OrgResolver::by_slug`] does before it reads the cache (see
+/// [`canonical_slug`], which also gives the form it is cached under). A malformed slug is
+/// [`CacheError::InvalidArgument`]. Use it to tell a bad identifier from a request apart
+/// from other errors before resolving.
 ///
 /// ```
 /// use cachet::org::validate_slug;
@@ -248,20 +285,20 @@ fn check_ident(what: &str, value: &str, allow_colon: bool) -> Result<(), CacheEr
 /// assert!(validate_slug("ac me").is_err());
 /// ```
 pub fn validate_slug(slug: &str) -> Result<(), CacheError> {
-    check_ident("slug", slug, false)
+    check_ident("slug", slug, MAX_SLUG_LEN)
 }
 
-/// Checks an id the way [`OrgResolver::by_id`] does: like [`validate_slug`], except that
-/// `:` is allowed.
+/// Checks an id the way [`OrgResolver::by_id`] does (see [`canonical_id`]).
 ///
 /// ```
 /// use cachet::org::validate_id;
 ///
-/// assert!(validate_id("tenant:42").is_ok());
+/// assert!(validate_id("tenant-42").is_ok());
+/// assert!(validate_id("tenant:42").is_err());
 /// assert!(validate_id("").is_err());
 /// ```
 pub fn validate_id(id: &str) -> Result<(), CacheError> {
-    check_ident("id", id, true)
+    check_ident("id", id, MAX_ID_LEN)
 }
 
 impl<S: OrgStore> OrgResolver<S> {
@@ -357,13 +394,13 @@ impl<S: OrgStore> OrgResolver<S> {
         &self,
         slug: &str,
     ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>> {
-        validate_slug(slug)?;
-        let other_key = |context: &S::Context| {
-            let id = context.org_id();
-            validate_id(&id).is_ok().then(|| id_key(&id))
-        };
-        self.resolve(slug_key(slug), other_key, || self.store.load_by_slug(slug))
-            .await
+        let slug = canonical_slug(slug)?;
+        let other_key =
+            |context: &S::Context| canonical_id(&context.org_id()).ok().map(|id| id_key(&id));
+        self.resolve(slug_key(&slug), other_key, || {
+            self.store.load_by_slug(&slug)
+        })
+        .await
     }
 
     /// The org with this id: `Ok(None)` when the store has no such org.
@@ -371,12 +408,13 @@ impl<S: OrgStore> OrgResolver<S> {
         &self,
         id: &str,
     ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>> {
-        validate_id(id)?;
+        let id = canonical_id(id)?;
         let other_key = |context: &S::Context| {
-            let slug = context.org_slug();
-            validate_slug(slug).is_ok().then(|| slug_key(slug))
+            canonical_slug(context.org_slug())
+                .ok()
+                .map(|s| slug_key(&s))
         };
-        self.resolve(id_key(id), other_key, || self.store.load_by_id(id))
+        self.resolve(id_key(&id), other_key, || self.store.load_by_id(&id))
             .await
     }
 
@@ -462,8 +500,12 @@ impl<S: OrgStore> OrgResolver<S> {
     /// second key that follows one of the first key (slug then id, or id then slug) either
     /// voids its lease on the second key or finds the check of step 3 in
     /// `fill_second_key` failing, or removes the second key after it was written.
+    ///
+    /// `slug` and `id` are canonicalized first ([`canonical_slug`], [`canonical_id`]): every
+    /// spelling of the slug is removed. A malformed one is [`CacheError::InvalidArgument`]
+    /// and nothing is removed.
     pub async fn invalidate_org(&self, slug: &str, id: &str) -> Result<(), CacheError> {
-        let (slug_key, id_key) = (slug_key(slug), id_key(id));
+        let (slug_key, id_key) = (slug_key(&canonical_slug(slug)?), id_key(&canonical_id(id)?));
         crate::load::invalidate_in_flight(&*self.cache, &slug_key);
         crate::load::invalidate_in_flight(&*self.cache, &id_key);
         let first = self.cache.invalidate(&slug_key).await;
@@ -479,14 +521,16 @@ mod tests {
 
     #[test]
     fn slugs_cannot_collide_with_id_keys() {
-        assert!(check_ident("slug", "acme", false).is_ok());
-        assert!(check_ident("slug", "id:42", false).is_err());
-        assert!(check_ident("id", "tenant:42", true).is_ok());
-        for bad in ["", " acme", "ac\nme", "ac\u{0}me"] {
-            assert!(check_ident("slug", bad, false).is_err(), "{bad:?}");
+        assert!(validate_slug("acme").is_ok());
+        assert!(validate_slug("id:42").is_err());
+        assert!(validate_id("tenant-42").is_ok());
+        for bad in ["", " acme", "ac\nme", "ac\u{0}me", "é"] {
+            assert!(validate_slug(bad).is_err(), "{bad:?}");
         }
-        let long = "a".repeat(MAX_ORG_IDENT_LEN + 1);
-        let err = check_ident("slug", &long, false).unwrap_err();
+        let long = "a".repeat(MAX_SLUG_LEN + 1);
+        let err = validate_slug(&long).unwrap_err();
         assert!(err.to_string().contains("longer than"), "{err}");
+        assert!(validate_id(&"1".repeat(MAX_ID_LEN)).is_ok());
+        assert!(validate_id(&"1".repeat(MAX_ID_LEN + 1)).is_err());
     }
 }

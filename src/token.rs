@@ -1,9 +1,13 @@
 //! Caching validated tokens (API keys, opaque access tokens) so that each request does not
 //! re-validate them against the identity provider or the database.
 //!
-//! - The cache key is `token:<hex SHA-256 of the token>`: the raw token is never part of a
+//! - The cache key is `token:<hex digest of the token>`: the raw token is never part of a
 //!   key (so it never shows in `SCAN`, `MONITOR` or a key dump), and the value holds only the
-//!   claims the app chose to cache.
+//!   claims the app chose to cache. With a digest key
+//!   ([`TokenCache::with_digest_key`]) the digest is HMAC-SHA256 under that key, so a copy of
+//!   the keys does not let anyone test guessed tokens offline; without one it is plain
+//!   SHA-256, fit only for tokens with enough entropy that guessing is hopeless (random
+//!   128-bit or longer), not for short or human-chosen API keys.
 //! - An entry never outlives the token: its TTL is `min(configured TTL, token expiry - skew)`,
 //!   and a token too close to its expiry is not cached at all.
 //! - Concurrent first requests with one token validate it once per instance (single flight).
@@ -14,9 +18,11 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use hmac::{Hmac, Mac};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
 
 use crate::load::{LoadError, LoadOptions, LoadTtl};
 use crate::{CacheError, CacheService, CacheServiceExt};
@@ -34,15 +40,43 @@ pub const DEFAULT_TOKEN_SKEW: Duration = Duration::from_secs(30);
 /// assert!(!key.contains("secret-token"));
 /// ```
 pub fn token_key(token: &str) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let digest = Sha256::digest(token.as_bytes());
-    let mut key = String::with_capacity(6 + 64);
-    key.push_str("token:");
-    for byte in digest {
-        key.push(char::from(HEX[usize::from(byte >> 4)]));
-        key.push(char::from(HEX[usize::from(byte & 0x0f)]));
+    format!("token:{}", hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+/// The shortest digest key [`TokenCache::with_digest_key`] accepts, in bytes.
+pub const MIN_DIGEST_KEY_LEN: usize = 16;
+
+/// The cache key of `token` under a digest key: `token:` and the lowercase hex
+/// HMAC-SHA256(`digest_key`, token). A [`CacheError::InvalidArgument`] if the key is shorter
+/// than [`MIN_DIGEST_KEY_LEN`] bytes.
+///
+/// ```
+/// // RFC 4231, test case 1.
+/// let key = cachet::token::keyed_token_key(&[0x0b; 20], "Hi There")?;
+/// assert_eq!(
+///     key,
+///     "token:b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+/// );
+/// # Ok::<(), cachet::CacheError>(())
+/// ```
+pub fn keyed_token_key(digest_key: &[u8], token: &str) -> Result<String, CacheError> {
+    if digest_key.len() < MIN_DIGEST_KEY_LEN {
+        return Err(CacheError::invalid_argument(
+            "",
+            format!(
+                "a token digest key must be at least {MIN_DIGEST_KEY_LEN} bytes (32 random \
+                 bytes recommended), got {}",
+                digest_key.len()
+            ),
+        ));
     }
-    key
+    let mut mac =
+        <Hmac<Sha256> as Mac>::new_from_slice(digest_key).expect("HMAC takes a key of any length");
+    mac.update(token.as_bytes());
+    Ok(format!(
+        "token:{}",
+        hex::encode(mac.finalize().into_bytes())
+    ))
 }
 
 /// A token the app's validator accepted: its claims and when it expires.
@@ -91,6 +125,8 @@ pub struct ValidToken<C> {
 /// ```
 pub struct TokenCache<C> {
     cache: Arc<dyn CacheService>,
+    /// HMAC key for the cache keys (zeroed when the last clone drops); `None`: SHA-256.
+    digest_key: Option<Arc<Zeroizing<Vec<u8>>>>,
     max_ttl_secs: u64,
     skew: Duration,
     load_timeout: Duration,
@@ -103,6 +139,14 @@ impl<C> fmt::Debug for TokenCache<C> {
             .field("cache", &self.cache)
             .field("max_ttl_secs", &self.max_ttl_secs)
             .field("skew", &self.skew)
+            .field(
+                "digest",
+                &if self.digest_key.is_some() {
+                    "HMAC-SHA256 (keyed)"
+                } else {
+                    "SHA-256"
+                },
+            )
             .finish_non_exhaustive()
     }
 }
@@ -111,6 +155,7 @@ impl<C> Clone for TokenCache<C> {
     fn clone(&self) -> Self {
         TokenCache {
             cache: Arc::clone(&self.cache),
+            digest_key: self.digest_key.clone(),
             max_ttl_secs: self.max_ttl_secs,
             skew: self.skew,
             load_timeout: self.load_timeout,
@@ -125,10 +170,45 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
     pub fn new(cache: Arc<dyn CacheService>) -> Self {
         TokenCache {
             cache,
+            digest_key: None,
             max_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             skew: DEFAULT_TOKEN_SKEW,
             load_timeout: crate::load::DEFAULT_LOAD_TIMEOUT,
             claims: PhantomData,
+        }
+    }
+
+    /// Keys entries by HMAC-SHA256(`key`, token) instead of SHA-256(token), so that someone
+    /// with a copy of the cache's keys (a Redis dump, `MONITOR`) cannot test guessed tokens
+    /// offline without also having `key`. Every instance that shares the cache must use the
+    /// same key (changing it orphans the entries, which then expire). At least
+    /// [`MIN_DIGEST_KEY_LEN`] bytes; 32 random bytes recommended. The key is zeroed in memory
+    /// when the last clone of this cache drops.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{MokaCacheService, TokenCache};
+    ///
+    /// let secret = [7u8; 32]; // from your secret store
+    /// let tokens: TokenCache<String> = TokenCache::new(Arc::new(MokaCacheService::default()))
+    ///     .with_digest_key(&secret)?;
+    /// assert_ne!(tokens.key_for("api-key-1"), cachet::token::token_key("api-key-1"));
+    /// assert!(TokenCache::<String>::new(Arc::new(MokaCacheService::default()))
+    ///     .with_digest_key(b"short")
+    ///     .is_err());
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
+    pub fn with_digest_key(mut self, key: &[u8]) -> Result<Self, CacheError> {
+        keyed_token_key(key, "")?;
+        self.digest_key = Some(Arc::new(Zeroizing::new(key.to_vec())));
+        Ok(self)
+    }
+
+    /// The cache key this cache uses for `token`.
+    pub fn key_for(&self, token: &str) -> String {
+        match &self.digest_key {
+            Some(key) => keyed_token_key(key, token).expect("checked by with_digest_key"),
+            None => token_key(token),
         }
     }
 
@@ -172,7 +252,7 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
 
     /// The cached claims of `token`, if any.
     pub async fn get(&self, token: &str) -> Result<Option<C>, CacheError> {
-        self.cache.get::<C>(&token_key(token)).await
+        self.cache.get::<C>(&self.key_for(token)).await
     }
 
     /// Caches `claims` for `token`; `Ok(false)` when the token is too close to its expiry to
@@ -186,7 +266,9 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
         let Some(ttl) = self.ttl_for(expires_at) else {
             return Ok(false);
         };
-        self.cache.set(&token_key(token), claims, Some(ttl)).await?;
+        self.cache
+            .set(&self.key_for(token), claims, Some(ttl))
+            .await?;
         Ok(true)
     }
 
@@ -206,7 +288,7 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
         let options = LoadOptions::default()
             .ttl_secs(self.max_ttl_secs)
             .load_timeout(self.load_timeout);
-        let key = token_key(token);
+        let key = self.key_for(token);
         let first_read = self.cache.get_bytes_now(&key);
         let loaded = crate::load::load(&*self.cache, &key, &options, first_read, || async {
             let verdict = validate.await?;
@@ -224,7 +306,7 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
 
     /// Removes `token`'s entry (a logout, a revoked key).
     pub async fn invalidate(&self, token: &str) -> Result<(), CacheError> {
-        let key = token_key(token);
+        let key = self.key_for(token);
         // A validation running meanwhile must not cache the token again.
         crate::load::invalidate_in_flight(&*self.cache, &key);
         self.cache.invalidate(&key).await

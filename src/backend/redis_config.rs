@@ -9,13 +9,38 @@ use crate::{BoxError, CacheError};
 
 /// `url` with any password replaced by `***`, for messages.
 pub(super) fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &url[scheme_end + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..])
+    // Whatever precedes the last `@` is credentials (or a typo around them): all of it goes,
+    // but a well-formed scheme stays, for a readable message.
+    let rest = match url.rfind('@') {
+        Some(at) => {
+            let scheme = url
+                .find("://")
+                .filter(|&end| end < at)
+                .filter(|&end| {
+                    url[..end]
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c))
+                })
+                .map_or("", |end| &url[..end + 3]);
+            format!("{scheme}***{}", &url[at..])
         }
-        _ => url.to_owned(),
+        None => url.to_owned(),
+    };
+    // Query parameters that carry a password (`sentinelPassword=`, `password=`).
+    match rest.split_once('?') {
+        Some((head, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name.to_ascii_lowercase().contains("pass") => {
+                        format!("{name}=***")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            format!("{head}?{}", query.join("&"))
+        }
+        None => rest,
     }
 }
 
@@ -81,5 +106,30 @@ pub(super) fn describe_server(config: &Config) -> String {
         }
         #[allow(unreachable_patterns)]
         _ => format!("{scheme} server"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_url;
+
+    #[test]
+    fn credentials_and_password_parameters_never_show() {
+        for (url, shown) in [
+            ("redis://user:pw@host:6379/0", "redis://***@host:6379/0"),
+            ("redis://:pw@host", "redis://***@host"),
+            ("redis:/:pw@host", "***@host"),
+            ("user:pw@host", "***@host"),
+            ("redis//:pw@h", "***@h"),
+            ("redis://:p@w@host", "redis://***@host"),
+            ("redis://host:6379", "redis://host:6379"),
+            (
+                "redis-sentinel://h:26379/m?sentinelPassword=pw&x=1",
+                "redis-sentinel://h:26379/m?sentinelPassword=***&x=1",
+            ),
+            ("redis://h/0?password=pw", "redis://h/0?password=***"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 }
