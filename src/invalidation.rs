@@ -14,10 +14,24 @@ const VERSION: u8 = 1;
 /// Default channel prefix; the channel is `<prefix>v1`.
 pub const DEFAULT_CHANNEL_PREFIX: &str = "cachet:invalidate:";
 
-/// The channel name for a prefix: the format version is part of it, so instances of an
-/// incompatible version never read each other's messages.
-pub fn channel_name(prefix: &str) -> String {
-    format!("{prefix}v{VERSION}")
+/// The channel name for a prefix and a service's namespace: the format version is part of
+/// it, so instances of an incompatible version never read each other's messages, and so is
+/// the namespace, so that apps sharing one Redis under different namespaces never hear (and
+/// cannot clear) each other's L1s: `<prefix>v1` without a namespace, `<prefix>v1:<namespace>`
+/// with one.
+///
+/// ```
+/// use cachet::invalidation::{DEFAULT_CHANNEL_PREFIX, channel_name};
+///
+/// assert_eq!(channel_name(DEFAULT_CHANNEL_PREFIX, ""), "cachet:invalidate:v1");
+/// assert_eq!(channel_name(DEFAULT_CHANNEL_PREFIX, "billing:"), "cachet:invalidate:v1:billing:");
+/// ```
+pub fn channel_name(prefix: &str, namespace: &str) -> String {
+    if namespace.is_empty() {
+        format!("{prefix}v{VERSION}")
+    } else {
+        format!("{prefix}v{VERSION}:{namespace}")
+    }
 }
 
 /// What to drop.

@@ -269,3 +269,54 @@ async fn path_like_identifiers_never_reach_the_store() {
     assert!(orgs.by_slug(&"a".repeat(63)).await.unwrap().is_none());
     assert!(orgs.by_id("A_b-9").await.unwrap().is_none());
 }
+
+/// Two apps share one Redis, each under its own namespace, both on the bus with the default
+/// channel prefix: one app clearing its whole namespace (`invalidate_prefix("")`) or one of
+/// its keys must not empty the other app's L1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_in_other_namespaces_cannot_clear_each_others_l1() {
+    use cachet::backend::tiered::InvalidationMode;
+    use cachet::{CacheService, CacheServiceExt};
+    let server = support::RedisServer::start();
+    let app = |namespace: &'static str| {
+        let url = server.url();
+        async move {
+            TieredCacheService::builder(RedisCacheService::builder(url).namespace(namespace))
+                .invalidation(InvalidationMode::Bus)
+                .build()
+                .await
+                .unwrap()
+        }
+    };
+    let (a1, a2, b) = (
+        app("app-a:").await,
+        app("app-a:").await,
+        app("app-b:").await,
+    );
+    assert_ne!(a1.channel(), b.channel(), "one channel per namespace");
+    for (writer, reader) in [(&a1, &a2), (&b, &b)] {
+        writer.set("k", &"v", None).await.unwrap();
+        assert_eq!(
+            reader.get::<String>("k").await.unwrap().as_deref(),
+            Some("v")
+        );
+    }
+    assert!(a2.cached_locally("k") && b.cached_locally("k"));
+    a1.invalidate("k").await.unwrap();
+    a1.invalidate_prefix("").await.unwrap();
+    // a2 (same app) hears both; b (other app) hears neither.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while a2.cached_locally("k") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a2 never heard its own app"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    // Both messages were published before a2 heard them; one more round trip for margin.
+    a1.set("other", &"x", None).await.unwrap();
+    assert!(
+        b.cached_locally("k"),
+        "another app's invalidation emptied b's L1"
+    );
+}

@@ -30,7 +30,8 @@ pub enum InvalidationMode {
     /// a key this instance read, by any client, an expiry, an eviction or a flush. Building
     /// fails if the server refuses it.
     Tracking,
-    /// The pub/sub bus (`cachet:invalidate:v1`): instances tell each other what they wrote
+    /// The pub/sub bus (`cachet:invalidate:v1`, with `:<namespace>` appended for a namespaced
+    /// service): instances tell each other what they wrote
     /// through cachet. Writes by other clients, expiries and evictions are not heard; the L1
     /// lifetime bounds them.
     Bus,
@@ -76,7 +77,8 @@ impl TieredCacheServiceBuilder {
         self
     }
 
-    /// The bus channel prefix (default `"cachet:invalidate:"`; the channel is `<prefix>v1`).
+    /// The bus channel prefix (default `"cachet:invalidate:"`; the channel is `<prefix>v1`, or
+    /// `<prefix>v1:<namespace>` when the Redis service has a namespace).
     /// Instances that must see each other's invalidations over the bus use the same one.
     pub fn channel_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.channel_prefix = prefix.into();

@@ -61,7 +61,7 @@ impl Bus {
                 Some(Box::new(e)),
             )
         })?;
-        let channel = invalidation::channel_name(channel_prefix);
+        let channel = invalidation::channel_name(channel_prefix, l2.namespace());
         let subscribed = async {
             subscriber.init().await?;
             subscriber.subscribe(channel.as_str()).await
