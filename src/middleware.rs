@@ -251,9 +251,10 @@ impl OrgSource {
 
     /// The first label of the request's host under `base_domain`: with base domain
     /// `example.com`, `acme.example.com` (any port) names `acme`, and so does
-    /// `acme.eu.example.com`. The host comes from the `Host` header (HTTP/1.1) or the
-    /// request URI's authority (HTTP/2), compared case-insensitively. A host that is the base
-    /// domain itself, or not under it, names no org: 404.
+    /// `acme.eu.example.com`. The host comes from the request URI's authority when it has
+    /// one (an absolute-form request target, HTTP/2's `:authority`: then `Host` is ignored,
+    /// RFC 9112 section 3.2.2), else from the `Host` header, compared case-insensitively. A
+    /// host that is the base domain itself, or not under it, names no org: 404.
     ///
     /// ```
     /// let source = cachet::middleware::OrgSource::host("example.com");
@@ -304,12 +305,15 @@ impl OrgSource {
                 },
             },
             Place::Host { base_domain } => {
-                let host = match request.headers().get(HOST) {
-                    Some(value) => match value.to_str() {
+                // An absolute-form request target (or HTTP/2's :authority) names the host;
+                // the Host header then does not count (RFC 9112, section 3.2.2).
+                let host = match (request.uri().host(), request.headers().get(HOST)) {
+                    (Some(host), _) => Some(host),
+                    (None, Some(value)) => match value.to_str() {
                         Ok(text) => Some(text),
                         Err(_) => return Ident::Malformed("Host header is not visible ASCII"),
                     },
-                    None => request.uri().host(),
+                    (None, None) => None,
                 };
                 match host {
                     None => Ident::Missing,
@@ -926,6 +930,20 @@ mod tests {
         let unknown = send(&app, with_header("/me", "host", "globex.example.com")).await;
         assert_eq!(unknown.status, StatusCode::NOT_FOUND);
         assert_eq!(unknown.rejection, Some(OrgRejection::NotFound));
+        // An absolute-form request target wins over Host (RFC 9112, section 3.2.2): a
+        // request for globex cannot borrow acme's context through its Host header.
+        let absolute = send(
+            &app,
+            with_header("http://globex.example.com/me", "host", "acme.example.com"),
+        )
+        .await;
+        assert_eq!(absolute.rejection, Some(OrgRejection::NotFound));
+        let absolute = send(
+            &app,
+            with_header("http://acme.example.com/me", "host", "globex.example.com"),
+        )
+        .await;
+        assert_eq!(absolute.status, StatusCode::OK);
     }
 
     #[tokio::test]
