@@ -13,7 +13,7 @@
 //!   entries or bytes.
 //! - [`Cache`]: the enum over the backends.
 //! - [`EncryptedCacheService`] and [`NamespacedCacheService`]: decorators around any service
-//!   (AES-256-GCM values with key rotation; a tenant namespace), see [`decorate`].
+//!   (XChaCha20-Poly1305 values with authenticated expiry and key rotation; a tenant namespace), see [`decorate`].
 //!
 //! ```
 //! use std::sync::Arc;

@@ -236,7 +236,7 @@ async fn the_secret_is_nowhere_in_redis_and_round_trips() {
         }
         let envelope = EncryptedEnvelope::parse(key, &Bytes::copy_from_slice(value)).unwrap();
         assert_eq!(envelope.key_id(), 1, "{key}");
-        assert_eq!(&value[..3], b"CS\x01", "{key}: magic and version");
+        assert_eq!(&value[..3], b"CS\x02", "{key}: magic and version");
     }
 
     for slug in ["acme", "globex", "initech"] {
@@ -271,6 +271,7 @@ async fn a_value_copied_to_another_key_does_not_decrypt() {
     let acme = format!("{prefix}org:acme:secrets");
     cache.set(&acme, &secrets("acme"), None).await.unwrap();
     let original = raw_get(server, &acme).unwrap();
+    assert_eq!(&original[..3], b"CS\x02", "a version 2 envelope");
 
     // Copied on the server (binary safe), as someone with access to Redis could.
     let by_server = format!("{prefix}org:evil:secrets");
@@ -313,8 +314,8 @@ async fn one_flipped_byte_anywhere_fails_and_stays_stored() {
     cache.set(&key, &secrets("acme"), None).await.unwrap();
     let original = raw_get(server, &key).unwrap();
     let len = original.len();
-    // magic, version, key id, nonce, first ciphertext byte, middle, last tag byte
-    for position in [0, 1, 2, 3, 6, 7, 18, 19, len / 2, len - 16, len - 1] {
+    // magic, version, key id, expiry, nonce, first ciphertext byte, middle, last tag byte
+    for position in [0, 1, 2, 3, 6, 7, 14, 15, 38, 39, len / 2, len - 16, len - 1] {
         let mut flipped = original.clone();
         flipped[position] ^= 0x01;
         inner
@@ -374,6 +375,273 @@ async fn garbage_truncated_and_plaintext_values_are_serialization_errors() {
         let msg = serialization_error(cache.get::<OrgSecrets>(&key).await);
         assert!(msg.contains(&format!("cut:{cut}")), "{msg}");
     }
+}
+
+// ---------------------------------------------------------------------------------------
+// Authenticated expiry: the replay of a saved value after it expired.
+
+/// A plain client of the `redis` crate, for binary-safe raw commands.
+async fn plain_client(server: &RedisServer) -> redis::aio::ConnectionManager {
+    match redis::Client::open(server.url()) {
+        Ok(client) => match client.get_connection_manager().await {
+            Ok(connection) => connection,
+            Err(e) => panic!("redis crate cannot connect: {e}"),
+        },
+        Err(e) => panic!("redis crate: {e}"),
+    }
+}
+
+/// `SET key bytes`, with no TTL, as someone with write access to Redis could.
+async fn raw_set(conn: &mut redis::aio::ConnectionManager, key: &str, bytes: &[u8]) {
+    redis::cmd("SET")
+        .arg(key)
+        .arg(bytes)
+        .query_async::<()>(conn)
+        .await
+        .unwrap_or_else(|e| panic!("SET {key:?}: {e}"));
+}
+
+/// Waits (at most 10 s) until the server has expired `key`.
+async fn wait_until_gone(server: &RedisServer, key: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while server.cli(&["EXISTS", key]).trim() != "0" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{key} did not expire within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+fn server_ttl(server: &RedisServer, key: &str) -> i64 {
+    let text = server.cli(&["TTL", key]);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("TTL {key}: {text:?}: {e}"))
+}
+
+/// The attack the authenticated expiry exists for: the encrypted bytes of a value saved
+/// while it was valid and written back, without a TTL, after it expired. Before envelope
+/// version 2 they decrypted and were served forever.
+#[tokio::test]
+async fn an_expired_value_written_back_without_a_ttl_is_a_miss_on_redis() {
+    let server = standalone();
+    let key = format!("{}org:acme:secrets", unique_prefix("replay"));
+    let inner = redis().await;
+    let cache = encrypted(inner.clone());
+    cache.set(&key, &secrets("acme"), Some(1)).await.unwrap();
+    assert_eq!(
+        cache.get::<OrgSecrets>(&key).await.unwrap(),
+        Some(secrets("acme"))
+    );
+    let saved = raw_get(server, &key).unwrap();
+
+    wait_until_gone(server, &key).await;
+    let mut conn = plain_client(server).await;
+    raw_set(&mut conn, &key, &saved).await;
+    assert_eq!(server_ttl(server, &key), -1, "stored without a TTL");
+    assert_eq!(raw_get(server, &key).unwrap(), saved);
+
+    assert_eq!(
+        cache.get::<OrgSecrets>(&key).await.unwrap(),
+        None,
+        "a replayed expired value must be a miss"
+    );
+    assert_eq!(cache.get_bytes(&key).await.unwrap(), None);
+    assert_eq!(
+        raw_get(server, &key).unwrap(),
+        saved,
+        "a read leaves it stored"
+    );
+
+    // Cache-aside over the replayed bytes: the lease replaces them as a miss, the loader
+    // runs, and the fresh value is what is stored and read.
+    let lease = match cache
+        .lease(&key, &cachet::load::LeaseRequest::new())
+        .await
+        .unwrap()
+    {
+        cachet::load::LeaseRead::Granted(lease) => lease,
+        other => panic!("expected the lease over an expired value, got {other:?}"),
+    };
+    let fresh = Bytes::from(serde_json::to_vec(&secrets("fresh")).unwrap());
+    assert!(
+        cache
+            .set_leased(&key, &lease, fresh, Some(60))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        cache.get::<OrgSecrets>(&key).await.unwrap(),
+        Some(secrets("fresh"))
+    );
+    let ttl = server_ttl(server, &key);
+    assert!((55..=60).contains(&ttl), "the leased write's TTL: {ttl}");
+    let stored = Bytes::from(raw_get(server, &key).unwrap());
+    let expires = EncryptedEnvelope::parse(&key, &stored)
+        .unwrap()
+        .expires_at()
+        .unwrap();
+    let left = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(
+        (55..=60).contains(&left.as_secs()),
+        "the leased write carries its expiry: {left:?}"
+    );
+
+    // get_or_load over replayed bytes loads.
+    let other = format!("{}org:globex", unique_prefix("replay-load"));
+    cache
+        .set(&other, &secrets("globex"), Some(1))
+        .await
+        .unwrap();
+    let saved = raw_get(server, &other).unwrap();
+    wait_until_gone(server, &other).await;
+    raw_set(&mut conn, &other, &saved).await;
+    let loaded: OrgSecrets = cache
+        .get_or_load(&other, Some(60), || async {
+            Ok::<_, std::convert::Infallible>(secrets("loaded"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, secrets("loaded"), "the loader ran");
+    assert_eq!(
+        cache.get::<OrgSecrets>(&other).await.unwrap(),
+        Some(secrets("loaded"))
+    );
+}
+
+/// The same replay on the in-memory backend (which has no "no TTL": a long one).
+#[tokio::test]
+async fn an_expired_value_written_back_is_a_miss_on_moka() {
+    let moka = MokaCacheService::default();
+    let cache = encrypted(moka.clone());
+    cache
+        .set("org:acme", &secrets("acme"), Some(1))
+        .await
+        .unwrap();
+    let saved = moka.get_bytes("org:acme").await.unwrap().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while moka.get_bytes("org:acme").await.unwrap().is_some() {
+        assert!(std::time::Instant::now() < deadline, "did not expire");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    moka.set_bytes("org:acme", saved.clone(), Some(86_400))
+        .await
+        .unwrap();
+    assert_eq!(cache.get::<OrgSecrets>("org:acme").await.unwrap(), None);
+    assert_eq!(
+        cache.get_bytes_now("org:acme").transpose().unwrap(),
+        Some(None),
+        "the fast path too"
+    );
+    assert_eq!(moka.get_bytes("org:acme").await.unwrap(), Some(saved));
+    let loaded: OrgSecrets = cache
+        .get_or_load("org:acme", None, || async {
+            Ok::<_, std::convert::Infallible>(secrets("loaded"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(loaded, secrets("loaded"));
+    assert_eq!(
+        cache.get::<OrgSecrets>("org:acme").await.unwrap(),
+        Some(secrets("loaded"))
+    );
+}
+
+/// `None` seals the decorator's default TTL (300 s unless set), and passes `None` down.
+#[tokio::test]
+async fn the_default_ttl_is_sealed_and_the_inner_ttl_passes_through() {
+    let server = standalone();
+    let prefix = unique_prefix("default-ttl");
+    let cache = encrypted(redis().await);
+    let short = EncryptedCacheService::new(redis().await, keys())
+        .with_default_ttl_secs(30)
+        .unwrap();
+    for (service, key, expected) in [
+        (&cache, format!("{prefix}a"), 300),
+        (&short, format!("{prefix}b"), 30),
+    ] {
+        service.set(&key, &1, None).await.unwrap();
+        let stored = Bytes::from(raw_get(server, &key).unwrap());
+        let expires = EncryptedEnvelope::parse(&key, &stored)
+            .unwrap()
+            .expires_at()
+            .unwrap();
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap()
+            .as_secs();
+        assert!((expected - 5..=expected).contains(&left), "{key}: {left}");
+        let ttl = server_ttl(server, &key);
+        assert!(
+            (295..=300).contains(&ttl),
+            "the server's own default: {ttl}"
+        );
+    }
+    let err = cache
+        .set(&format!("{prefix}zero"), &1, Some(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn changed_expiry_bytes_fail_authentication_and_stay_stored() {
+    let server = standalone();
+    let key = format!("{}org:acme", unique_prefix("expiry-bytes"));
+    let cache = encrypted(redis().await);
+    cache.set(&key, &secrets("acme"), Some(60)).await.unwrap();
+    let original = raw_get(server, &key).unwrap();
+    let mut conn = plain_client(server).await;
+    for new_expiry in [u64::MAX, 0, {
+        let mut ms = [0u8; 8];
+        ms.copy_from_slice(&original[7..15]);
+        u64::from_be_bytes(ms) + 1
+    }] {
+        let mut changed = original.clone();
+        changed[7..15].copy_from_slice(&new_expiry.to_be_bytes());
+        raw_set(&mut conn, &key, &changed).await;
+        let msg = serialization_error(cache.get::<OrgSecrets>(&key).await);
+        assert!(msg.contains("authentication failed with key id 1"), "{msg}");
+        assert_eq!(raw_get(server, &key).unwrap(), changed, "left untouched");
+    }
+}
+
+/// Values an earlier release wrote (envelope version 1, AES-256-GCM) still read, under the
+/// key they were written for only; a keyring that refuses version 1 says so.
+#[tokio::test]
+async fn version_1_values_still_decrypt() {
+    let server = standalone();
+    let prefix = unique_prefix("v1");
+    let inner = redis().await;
+    let cache = encrypted(inner.clone());
+    let key = format!("{prefix}org:acme");
+    let json = serde_json::to_vec(&secrets("acme")).unwrap();
+    let old = keys().encrypt_v1(&key, &json).unwrap();
+    assert_eq!(&old[..3], b"CS\x01");
+    inner.set_bytes(&key, old.clone(), Some(60)).await.unwrap();
+    assert_eq!(
+        cache.get::<OrgSecrets>(&key).await.unwrap(),
+        Some(secrets("acme"))
+    );
+    // Moved to another key, it does not decrypt.
+    let moved = format!("{prefix}org:evil");
+    assert_eq!(server.command(&["COPY", &key, &moved]).unwrap(), "1");
+    let msg = serialization_error(cache.get::<OrgSecrets>(&moved).await);
+    assert!(msg.contains("authentication failed with key id 1"), "{msg}");
+    // Refused once version-1 reads are off.
+    let strict = EncryptedCacheService::new(inner.clone(), keys().accept_v1(false));
+    let msg = serialization_error(strict.get::<OrgSecrets>(&key).await);
+    assert!(msg.contains("version 1"), "{msg}");
+    // A rewrite stores version 2.
+    cache.set(&key, &secrets("acme"), Some(60)).await.unwrap();
+    assert_eq!(&raw_get(server, &key).unwrap()[..3], b"CS\x02");
+    assert_eq!(
+        strict.get::<OrgSecrets>(&key).await.unwrap(),
+        Some(secrets("acme"))
+    );
 }
 
 #[tokio::test]
@@ -523,7 +791,7 @@ async fn the_fast_path_is_forwarded_and_decrypts() {
         Some(None)
     );
     let stored = moka.get_bytes_now("ns:k").unwrap().unwrap().unwrap();
-    assert_eq!(&stored[..3], b"CS\x01");
+    assert_eq!(&stored[..3], b"CS\x02");
     moka.set_bytes("ns:bad", Bytes::from_static(b"garbage"), None)
         .await
         .unwrap();

@@ -35,7 +35,7 @@ pub struct Settings {
     /// The invalidation channel prefix (`None`: the library's default). Instances that must
     /// hear each other use the same one.
     pub channel_prefix: Option<String>,
-    /// The key that encrypts what goes to Redis (AES-256-GCM, see
+    /// The key that encrypts what goes to Redis (XChaCha20-Poly1305, see
     /// `cachet::EncryptedCacheService`); required with Redis, since org contexts hold
     /// secrets. Every instance uses the same one.
     pub encryption_key: Option<EncryptionKey>,

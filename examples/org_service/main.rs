@@ -13,7 +13,7 @@
 //!   pub/sub); unset: the in-memory `MokaCacheService`.
 //! - `CACHE_ENCRYPTION_KEY` (required with `REDIS_URL`; the same on every instance): 64 hex
 //!   digits or the base64 of 32 bytes (`openssl rand -base64 32`). Org contexts hold
-//!   secrets, so what goes to Redis is encrypted (`EncryptedCacheService`, AES-256-GCM).
+//!   secrets, so what goes to Redis is encrypted (`EncryptedCacheService`, XChaCha20-Poly1305).
 //! - `ORG_STORE_DIR`: the org store, one `<slug>.json` per org (default `./org-store`,
 //!   created if missing).
 //! - `STORE_DELAY_MS`: an artificial delay on every store load (default 0).

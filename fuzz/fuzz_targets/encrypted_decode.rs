@@ -1,10 +1,12 @@
 //! Arbitrary bytes read through `EncryptedCacheService` (stored raw in the inner service, then
 //! read back through the decorator, both `get_bytes` and the `get_bytes_now` fast path):
 //! never a panic, always `CacheError::Serialization` naming the key, and the stored bytes stay
-//! as they were. Each input is also tried behind a valid header for a current, a previous and
-//! an unknown key id, so that the paths past the magic and version checks (key lookup, AES-GCM
-//! tag check) get fuzzed on every run. Finally the input is split into a key name and a value:
-//! the value round-trips under that name and does not decrypt under another.
+//! as they were. Each input is also tried behind a valid header of both envelope versions (1:
+//! AES-256-GCM; 2: XChaCha20-Poly1305 with an authenticated expiry) for a current, a previous
+//! and an unknown key id, so that the paths past the magic and version checks (key lookup, tag
+//! check) get fuzzed on every run. Finally the input is split into a key name and a value: the
+//! value round-trips under that name in both versions and does not decrypt under another; a
+//! version-2 value past its expiry is a miss, and one with changed expiry bytes fails.
 //!
 //! The inner service is a one-slot store defined here rather than moka: moka keeps and frees
 //! memory in the background, which makes libFuzzer run a leak scan after every input.
@@ -17,7 +19,9 @@ use std::task::{Context, Poll, Waker};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cachet::decorate::encrypted::HEADER_LEN;
+use std::time::{Duration, SystemTime};
+
+use cachet::decorate::encrypted::{HEADER_LEN, HEADER_LEN_V1, TAG_LEN, VERSION, VERSION_V1};
 use cachet::{CacheError, CacheService, EncryptedCacheService, EncryptedEnvelope, EncryptionKeys};
 use libfuzzer_sys::fuzz_target;
 
@@ -87,7 +91,16 @@ fn ready<F: Future>(future: F) -> F::Output {
 fn check_answer(stored: &Bytes, answer: Result<Option<Bytes>, CacheError>) {
     match answer {
         // Forging a tag is not expected; if it ever happens, the plaintext must fit.
-        Ok(Some(plain)) => assert_eq!(plain.len() + HEADER_LEN + 16, stored.len()),
+        Ok(Some(plain)) => {
+            let header = if stored[2] == VERSION {
+                HEADER_LEN
+            } else {
+                HEADER_LEN_V1
+            };
+            assert_eq!(plain.len() + header + TAG_LEN, stored.len());
+        }
+        // A miss only for a version-2 value (past its expiry), which needs a forged tag too.
+        Ok(None) => assert_eq!(stored[2], VERSION),
         Err(e @ CacheError::Serialization { .. }) => {
             assert!(e.to_string().contains(KEY), "names the key: {e}");
         }
@@ -112,18 +125,31 @@ fn check_stored(stored: Bytes) {
     );
 
     if let Ok(envelope) = EncryptedEnvelope::parse(KEY, &stored) {
-        assert_eq!(envelope.ciphertext().len() + HEADER_LEN, stored.len());
+        let header = match envelope.version() {
+            VERSION => HEADER_LEN,
+            VERSION_V1 => HEADER_LEN_V1,
+            other => panic!("parsed an unknown version {other}"),
+        };
+        assert_eq!(envelope.ciphertext().len() + header, stored.len());
+        assert!(envelope.ciphertext().len() >= TAG_LEN);
         assert_eq!(envelope.key_id().to_be_bytes(), stored[3..7]);
+        assert_eq!(
+            envelope.expires_at().is_some(),
+            envelope.version() == VERSION
+        );
     }
 }
 
 fuzz_target!(|data: &[u8]| {
     check_stored(Bytes::copy_from_slice(data));
-    for key_id in [1u32, 2, 3] {
-        let mut enveloped = b"CS\x01".to_vec();
-        enveloped.extend_from_slice(&key_id.to_be_bytes());
-        enveloped.extend_from_slice(data);
-        check_stored(Bytes::from(enveloped));
+    for version in [VERSION_V1, VERSION] {
+        for key_id in [1u32, 2, 3] {
+            let mut enveloped = b"CS".to_vec();
+            enveloped.push(version);
+            enveloped.extend_from_slice(&key_id.to_be_bytes());
+            enveloped.extend_from_slice(data);
+            check_stored(Bytes::from(enveloped));
+        }
     }
 
     // Round trip through the decorator, under a key name taken from the input.
@@ -134,9 +160,26 @@ fuzz_target!(|data: &[u8]| {
         .min(data.len());
     let (name, value) = data.split_at(split);
     let name = String::from_utf8_lossy(name);
-    let sealed = keys.encrypt(&name, value).expect("encrypt");
-    assert_eq!(keys.decrypt(&name, &sealed).expect("decrypt"), value);
-    assert!(keys.decrypt(&format!("{name}!"), &sealed).is_err());
+    let now = SystemTime::now();
+    let sealed = keys
+        .encrypt(&name, value, Duration::from_secs(3600))
+        .expect("encrypt");
+    let old = keys.encrypt_v1(&name, value).expect("encrypt v1");
+    for sealed in [&sealed, &old] {
+        assert_eq!(
+            keys.decrypt(&name, sealed).expect("decrypt").as_deref(),
+            Some(value)
+        );
+        assert!(keys.decrypt(&format!("{name}!"), sealed).is_err());
+    }
+    // Past its expiry, a miss; with its expiry bytes changed, an error.
+    let dead = keys
+        .encrypt_until(&name, value, now - Duration::from_secs(1))
+        .expect("encrypt");
+    assert_eq!(keys.decrypt(&name, &dead).expect("a miss"), None);
+    let mut extended = dead.to_vec();
+    extended[7..15].copy_from_slice(&u64::MAX.to_be_bytes());
+    assert!(keys.decrypt(&name, &Bytes::from(extended)).is_err());
     service().inner().put(sealed);
     assert_eq!(
         ready(service().get_bytes(KEY)).ok(),

@@ -1,81 +1,162 @@
-//! [`EncryptedCacheService`]: AES-256-GCM around every value, with the key name bound as
-//! associated data and a key id for rotation.
+//! [`EncryptedCacheService`]: authenticated encryption around every value, with the key
+//! name bound as associated data, an authenticated expiry, and a key id for rotation.
 //!
 //! # Stored form
 //!
-//! Every value is stored as a small versioned envelope (big-endian):
+//! Every value is stored as a small versioned envelope (integers big-endian). This code
+//! writes version 2:
+//!
+//! | bytes | what |
+//! | --- | --- |
+//! | 2 | magic `b"CS"` |
+//! | 1 | version `2` (XChaCha20-Poly1305, 192-bit nonce, 128-bit tag) |
+//! | 4 | key id (`u32`) of the key that encrypted it |
+//! | 8 | expiry (`u64`): milliseconds since the Unix epoch after which the value is dead |
+//! | 24 | nonce, random per value (OS RNG) |
+//! | n + 16 | ciphertext of the n-byte value, then the tag |
+//!
+//! The associated data is the 39 header bytes followed by the cache key's name, so the tag
+//! covers the header (a changed key id, version or expiry fails) and the key (a value copied
+//! under another key fails). The header has a fixed length, so the concatenation is
+//! unambiguous. The XChaCha20-Poly1305 key is not the configured 32 bytes themselves but
+//! HMAC-SHA256(configured key, `"cachet encrypted envelope v2: XChaCha20-Poly1305"`), so the
+//! same bytes are never the key of two algorithms (version 1 uses them for AES-GCM).
+//!
+//! **Authenticated expiry.** The expiry is the instant the write's TTL ends (`set`'s TTL, or
+//! the decorator's default TTL for `None`), by the writer's clock. A read after it is a miss
+//! (`Ok(None)`), whatever TTL the server holds: someone with write access to the store who
+//! saved a value while it was valid and writes it back later, without a TTL, gets nothing
+//! served. The expiry is checked after the tag, so changed expiry bytes are an error, not a
+//! miss. Clocks of the instances should agree (NTP): a reader whose clock is behind the
+//! writer's by `d` accepts a value for `d` longer.
+//!
+//! **Why XChaCha20-Poly1305.** Random 96-bit nonces under one AES-GCM key are limited to
+//! about 2^32 encryptions (NIST SP 800-38D, section 8.3), which a busy cache reaches in
+//! days; a random 192-bit nonce can be drawn about 2^80 times before a collision is likely.
+//!
+//! # Version 1 (read only)
+//!
+//! Version 1, which earlier releases wrote, is still read, so values written before an
+//! upgrade keep working until their server TTL ends:
 //!
 //! | bytes | what |
 //! | --- | --- |
 //! | 2 | magic `b"CS"` |
 //! | 1 | version `1` (AES-256-GCM, 96-bit nonce, 128-bit tag) |
-//! | 4 | key id (`u32`) of the key that encrypted it |
-//! | 12 | nonce, random per value (OS RNG) |
-//! | n + 16 | ciphertext of the n-byte value, then the tag |
+//! | 4 | key id (`u32`) |
+//! | 12 | nonce |
+//! | n + 16 | ciphertext, then the tag |
 //!
-//! The associated data is the 19 header bytes followed by the cache key's name, so the tag
-//! covers the header (a changed key id or version fails) and the key (a value copied under
-//! another key fails). The header has a fixed length, so the concatenation is unambiguous.
+//! with the 19 header bytes and the key name as associated data. **Version 1 has no
+//! authenticated expiry**: a version-1 value saved by someone with write access decrypts
+//! whenever it is written back. Writing version 2 closes that hole only for new values; to
+//! close it for the old ones, once the longest TTL in use has passed since the upgrade,
+//! either turn version-1 reads off ([`EncryptionKeys::accept_v1`]`(false)`), or rotate to a
+//! new key and drop the old one.
+//!
+//! # Errors
 //!
 //! Reading a value that is not such an envelope, one whose key id the keyring does not
 //! hold, or one whose tag does not verify (tampered bytes, a wrong key, a value copied from
 //! another key) is [`CacheError::Serialization`] naming the key and, where there is one, the
 //! key id; nothing is written back, so the stored entry stays as it was.
+//!
+//! # Plaintext in memory
+//!
+//! Key bytes (the configured key and the derived version-2 key, and the ciphers' key
+//! state) are zeroed when dropped. A decrypted value is returned as [`Bytes`] whose buffer is
+//! zeroed when its last handle drops; a value being encrypted is encrypted in place in the
+//! output buffer, and the caller's plaintext buffer is zeroed after sealing when this layer
+//! holds its only handle. What a caller decodes the bytes into is the caller's to protect.
 
 use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use aes_gcm::aead::{Aead, Generate, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Key, Nonce};
+use aes_gcm::Aes256Gcm;
+use aes_gcm::aead::{AeadInOut, KeyInit};
 use async_trait::async_trait;
+use chacha20poly1305::XChaCha20Poly1305;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 use crate::load::{Lease, LeaseRead, LeaseRequest};
+use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD_PAD_INDIFFERENT, URL_SAFE_PAD_INDIFFERENT};
-use bytes::{BufMut, Bytes, BytesMut};
-use zeroize::Zeroizing;
+use bytes::Bytes;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::{CacheError, CacheService};
 
 /// The magic bytes at the start of every encrypted value.
 ///
 /// ```
-/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v")?;
+/// use std::time::Duration;
+///
+/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v", Duration::from_secs(60))?;
 /// assert!(sealed.starts_with(cachet::decorate::encrypted::MAGIC));
 /// # Ok::<(), cachet::CacheError>(())
 /// ```
 pub const MAGIC: &[u8; 2] = b"CS";
-/// The envelope version this code writes and reads.
+/// The envelope version this code writes: 2 (XChaCha20-Poly1305, authenticated expiry).
 ///
 /// ```
-/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v")?;
+/// use std::time::Duration;
+///
+/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v", Duration::from_secs(60))?;
 /// assert_eq!(sealed[2], cachet::decorate::encrypted::VERSION);
 /// # Ok::<(), cachet::CacheError>(())
 /// ```
-pub const VERSION: u8 = 1;
-/// Length of the random nonce, in bytes (96 bits).
+pub const VERSION: u8 = 2;
+/// The older envelope version this code still reads (AES-256-GCM, no authenticated expiry).
 ///
 /// ```
-/// assert_eq!(cachet::decorate::encrypted::NONCE_LEN * 8, 96);
+/// assert_eq!(cachet::decorate::encrypted::VERSION_V1, 1);
 /// ```
-pub const NONCE_LEN: usize = 12;
-/// Length of the authentication tag, in bytes (128 bits).
+pub const VERSION_V1: u8 = 1;
+/// Length of the random nonce of version 2, in bytes (192 bits).
 ///
 /// ```
+/// assert_eq!(cachet::decorate::encrypted::NONCE_LEN * 8, 192);
+/// ```
+pub const NONCE_LEN: usize = 24;
+/// Length of the random nonce of version 1, in bytes (96 bits).
+///
+/// ```
+/// assert_eq!(cachet::decorate::encrypted::NONCE_LEN_V1 * 8, 96);
+/// ```
+pub const NONCE_LEN_V1: usize = 12;
+/// Length of the authentication tag, in bytes (128 bits), in both versions.
+///
+/// ```
+/// use std::time::Duration;
 /// use cachet::decorate::encrypted::{HEADER_LEN, TAG_LEN};
 ///
-/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"")?;
+/// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"", Duration::from_secs(60))?;
 /// assert_eq!(sealed.len(), HEADER_LEN + TAG_LEN); // an empty value
 /// # Ok::<(), cachet::CacheError>(())
 /// ```
 pub const TAG_LEN: usize = 16;
-/// Bytes before the ciphertext: magic, version, key id, nonce.
+/// Bytes before the ciphertext in version 2: magic, version, key id, expiry, nonce.
 ///
 /// ```
-/// assert_eq!(cachet::decorate::encrypted::HEADER_LEN, 2 + 1 + 4 + 12);
+/// assert_eq!(cachet::decorate::encrypted::HEADER_LEN, 2 + 1 + 4 + 8 + 24);
 /// ```
-pub const HEADER_LEN: usize = 2 + 1 + 4 + NONCE_LEN;
+pub const HEADER_LEN: usize = 2 + 1 + 4 + 8 + NONCE_LEN;
+/// Bytes before the ciphertext in version 1: magic, version, key id, nonce.
+///
+/// ```
+/// assert_eq!(cachet::decorate::encrypted::HEADER_LEN_V1, 2 + 1 + 4 + 12);
+/// ```
+pub const HEADER_LEN_V1: usize = 2 + 1 + 4 + NONCE_LEN_V1;
 
-/// One 256-bit AES key. Its `Debug` never shows the key, and its bytes are zeroed on drop.
+/// The label of the version-2 key derivation (HMAC-SHA256 keyed with the configured key).
+const V2_KEY_LABEL: &[u8] = b"cachet encrypted envelope v2: XChaCha20-Poly1305";
+
+/// Bytes of an envelope before the key id: magic and version.
+const PREFIX_LEN: usize = 3;
+
+/// One 256-bit key. Its `Debug` never shows the key, and its bytes are zeroed on drop.
 ///
 /// Built from raw bytes, or parsed from text read from the environment or settings: 64 hex
 /// digits, or base64 (standard or URL-safe alphabet, padding optional) of 32 bytes.
@@ -139,7 +220,7 @@ impl EncryptionKey {
                 Ok(EncryptionKey(key))
             }
             Some(n) => Err(CacheError::config(
-                format!("the encryption key decodes as base64 to {n} bytes; AES-256 needs 32"),
+                format!("the encryption key decodes as base64 to {n} bytes; the key is 32"),
                 None,
             )),
             None => Err(CacheError::config(
@@ -198,18 +279,22 @@ impl fmt::Debug for EncryptionKey {
 /// everywhere; new writes use key 2, old values still read; once every value written with
 /// key 1 has expired (the longest TTL in use), drop key 1.
 ///
-/// Its `Debug` shows the key ids only, never the keys.
+/// Its `Debug` shows the key ids only, never the keys. The keys, the derived keys and the
+/// ciphers' key state are zeroed when the keyring is dropped.
 ///
 /// ```
+/// use std::time::Duration;
 /// use cachet::{EncryptionKey, EncryptionKeys};
 ///
+/// let ttl = Duration::from_secs(300);
 /// let old = EncryptionKeys::new(1, [1u8; 32]);
-/// let sealed = old.encrypt("org:acme", b"secret")?;
+/// let sealed = old.encrypt("org:acme", b"secret", ttl)?;
 ///
 /// let rotated = EncryptionKeys::new(2, [2u8; 32]).with_previous(1, [1u8; 32])?;
-/// assert_eq!(rotated.decrypt("org:acme", &sealed)?, &b"secret"[..]);
-/// assert_eq!(cachet::EncryptedEnvelope::parse("org:acme", &rotated.encrypt("org:acme", b"x")?)?.key_id(), 2);
-/// assert_eq!(format!("{rotated:?}"), "EncryptionKeys { current_id: 2, previous_ids: [1] }");
+/// assert_eq!(rotated.decrypt("org:acme", &sealed)?.as_deref(), Some(&b"secret"[..]));
+/// let new = rotated.encrypt("org:acme", b"x", ttl)?;
+/// assert_eq!(cachet::EncryptedEnvelope::parse("org:acme", &new)?.key_id(), 2);
+/// assert_eq!(format!("{rotated:?}"), "EncryptionKeys { current_id: 2, previous_ids: [1], accept_v1: true }");
 ///
 /// // Keys read from settings: hex or base64 text.
 /// let from_env = EncryptionKeys::new(3, EncryptionKey::parse(&"ab".repeat(32))?);
@@ -220,20 +305,71 @@ impl fmt::Debug for EncryptionKey {
 pub struct EncryptionKeys {
     current_id: u32,
     /// The current key first, then the previous ones in the order they were added.
-    ciphers: Vec<(u32, Aes256Gcm)>,
+    entries: Vec<KeyEntry>,
+    accept_v1: bool,
+}
+
+/// One key of the ring, as the two ciphers that use it. Both zero their key state on drop
+/// (the crates' `zeroize` features).
+#[derive(Clone)]
+struct KeyEntry {
+    id: u32,
+    /// Version 1: AES-256-GCM under the configured key (read only).
+    v1: Aes256Gcm,
+    /// Version 2: XChaCha20-Poly1305 under the derived key.
+    v2: XChaCha20Poly1305,
+}
+
+impl KeyEntry {
+    fn new(id: u32, key: &EncryptionKey) -> Self {
+        let v2_key = derive_v2_key(key);
+        KeyEntry {
+            id,
+            v1: Aes256Gcm::new(&(*key.as_bytes()).into()),
+            v2: XChaCha20Poly1305::new(&(*v2_key).into()),
+        }
+    }
+}
+
+/// HMAC-SHA256(key, label): the version-2 key, so that the configured bytes are never the key
+/// of two algorithms.
+fn derive_v2_key(key: &EncryptionKey) -> Zeroizing<[u8; 32]> {
+    // HMAC pads a key shorter than the hash's block (64 bytes) with zeros: padding it here
+    // gives the same MAC through the infallible fixed-size constructor.
+    let mut block = Zeroizing::new([0u8; 64]);
+    block[..32].copy_from_slice(key.as_bytes());
+    let mut mac = <Hmac<Sha256> as hmac::digest::KeyInit>::new(
+        hmac::digest::generic_array::GenericArray::from_slice(&block[..]),
+    );
+    mac.update(V2_KEY_LABEL);
+    let mut tag = mac.finalize().into_bytes();
+    let mut derived = Zeroizing::new([0u8; 32]);
+    derived.copy_from_slice(&tag);
+    tag.as_mut_slice().zeroize();
+    derived
+}
+
+/// What [`EncryptionKeys::open`] found, before the time check.
+struct Opened {
+    plaintext: Bytes,
+    /// Milliseconds since the epoch; `None` for version 1.
+    expires_at_ms: Option<u64>,
 }
 
 impl EncryptionKeys {
-    /// A keyring whose current key is `key`, with id `current_id`.
+    /// A keyring whose current key is `key`, with id `current_id`. It reads both envelope
+    /// versions ([`accept_v1`](Self::accept_v1) turns version 1 off) and writes version 2.
     ///
     /// ```
     /// let keys = cachet::EncryptionKeys::new(1, [9u8; 32]);
     /// assert_eq!(keys.current_id(), 1);
+    /// assert!(keys.accepts_v1());
     /// ```
     pub fn new(current_id: u32, key: impl Into<EncryptionKey>) -> Self {
         EncryptionKeys {
             current_id,
-            ciphers: vec![(current_id, cipher(&key.into()))],
+            entries: vec![KeyEntry::new(current_id, &key.into())],
+            accept_v1: true,
         }
     }
 
@@ -254,14 +390,48 @@ impl EncryptionKeys {
         id: u32,
         key: impl Into<EncryptionKey>,
     ) -> Result<Self, CacheError> {
-        if self.cipher_for(id).is_some() {
+        if self.entry_for(id).is_some() {
             return Err(CacheError::config(
                 format!("encryption key id {id} is given twice"),
                 None,
             ));
         }
-        self.ciphers.push((id, cipher(&key.into())));
+        self.entries.push(KeyEntry::new(id, &key.into()));
         Ok(self)
+    }
+
+    /// Whether version-1 envelopes (AES-256-GCM, no authenticated expiry) are read; `true`
+    /// unless turned off. Turn them off once the longest TTL in use has passed since every
+    /// instance writes version 2: after that, no version-1 value is legitimately stored, and
+    /// one that appears was written back by someone replaying an old value. A version-1
+    /// value is then [`CacheError::Serialization`].
+    ///
+    /// ```
+    /// use cachet::{CacheError, EncryptionKeys};
+    ///
+    /// let keys = EncryptionKeys::new(1, [1u8; 32]);
+    /// let old = keys.encrypt_v1("k", b"from before the upgrade")?;
+    /// assert!(keys.decrypt("k", &old)?.is_some());
+    ///
+    /// let strict = keys.accept_v1(false);
+    /// assert!(!strict.accepts_v1());
+    /// let err = strict.decrypt("k", &old).unwrap_err();
+    /// assert!(matches!(err, CacheError::Serialization { .. }));
+    /// assert!(err.to_string().contains("version 1"));
+    /// # Ok::<(), CacheError>(())
+    /// ```
+    pub fn accept_v1(mut self, accept: bool) -> Self {
+        self.accept_v1 = accept;
+        self
+    }
+
+    /// Whether version-1 envelopes are read ([`accept_v1`](Self::accept_v1)).
+    ///
+    /// ```
+    /// assert!(cachet::EncryptionKeys::new(1, [1u8; 32]).accepts_v1());
+    /// ```
+    pub fn accepts_v1(&self) -> bool {
+        self.accept_v1
     }
 
     /// The id of the key that encrypts new values.
@@ -281,76 +451,173 @@ impl EncryptionKeys {
     /// # Ok::<(), cachet::CacheError>(())
     /// ```
     pub fn key_ids(&self) -> impl Iterator<Item = u32> + '_ {
-        self.ciphers.iter().map(|(id, _)| *id)
+        self.entries.iter().map(|entry| entry.id)
     }
 
-    fn cipher_for(&self, id: u32) -> Option<&Aes256Gcm> {
-        self.ciphers
-            .iter()
-            .find(|(held, _)| *held == id)
-            .map(|(_, cipher)| cipher)
+    fn entry_for(&self, id: u32) -> Option<&KeyEntry> {
+        self.entries.iter().find(|entry| entry.id == id)
     }
 
-    /// Encrypts `plaintext` for storage under the cache key `key` with the current key and a
-    /// fresh random nonce, and returns the envelope.
-    ///
-    /// Fails ([`CacheError::Serialization`], action `encrypt`) only if the OS random number
-    /// generator fails or the value exceeds AES-GCM's limit of 64 GiB.
-    ///
-    /// ```
-    /// let keys = cachet::EncryptionKeys::new(1, [1u8; 32]);
-    /// let a = keys.encrypt("k", b"same value")?;
-    /// let b = keys.encrypt("k", b"same value")?;
-    /// assert_ne!(a, b); // a fresh nonce each time
-    /// assert_eq!(a.len(), cachet::decorate::encrypted::HEADER_LEN + 10 + 16);
-    /// # Ok::<(), cachet::CacheError>(())
-    /// ```
-    pub fn encrypt(&self, key: &str, plaintext: &[u8]) -> Result<Bytes, CacheError> {
-        let fail =
-            |what: String| CacheError::serialization::<EncryptedEnvelope>(key, "encrypt", what);
-        let nonce = <[u8; NONCE_LEN]>::try_generate()
-            .map_err(|e| fail(format!("the OS random number generator failed: {e}")))?;
-        let header = header(self.current_id, &nonce);
-        let cipher = self.cipher_for(self.current_id).ok_or_else(|| {
+    fn current(&self, fail: impl Fn(String) -> CacheError) -> Result<&KeyEntry, CacheError> {
+        self.entry_for(self.current_id).ok_or_else(|| {
             fail(format!(
                 "no cipher for the current key id {}",
                 self.current_id
             ))
-        })?;
-        let aad = associated_data(&header, key);
-        let sealed = cipher
-            .encrypt(
-                &Nonce::from(nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: &aad,
-                },
-            )
+        })
+    }
+
+    /// Encrypts `plaintext` for storage under the cache key `key` for `ttl` from now: a
+    /// version-2 envelope with the current key, a fresh random nonce and the expiry
+    /// `now + ttl` authenticated. Reads after that instant are misses.
+    ///
+    /// Fails ([`CacheError::Serialization`], action `encrypt`) only if the OS random number
+    /// generator fails or the value exceeds XChaCha20-Poly1305's limit of 256 GiB.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let keys = cachet::EncryptionKeys::new(1, [1u8; 32]);
+    /// let a = keys.encrypt("k", b"same value", Duration::from_secs(60))?;
+    /// let b = keys.encrypt("k", b"same value", Duration::from_secs(60))?;
+    /// assert_ne!(a, b); // a fresh nonce each time
+    /// assert_eq!(a.len(), cachet::decorate::encrypted::HEADER_LEN + 10 + 16);
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
+    pub fn encrypt(&self, key: &str, plaintext: &[u8], ttl: Duration) -> Result<Bytes, CacheError> {
+        let expires_at_ms = unix_ms(SystemTime::now()).saturating_add(duration_ms(ttl));
+        self.seal_v2(key, plaintext, expires_at_ms)
+    }
+
+    /// Like [`encrypt`](Self::encrypt), with the expiry given as an instant (rounded down to
+    /// the millisecond; an instant before the Unix epoch is the epoch).
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let keys = cachet::EncryptionKeys::new(1, [1u8; 32]);
+    /// let at = SystemTime::now() + Duration::from_secs(60);
+    /// let sealed = keys.encrypt_until("k", b"v", at)?;
+    /// let expires = cachet::EncryptedEnvelope::parse("k", &sealed)?.expires_at().unwrap();
+    /// assert!(at.duration_since(expires).unwrap() < Duration::from_millis(1));
+    /// assert_eq!(keys.decrypt_at("k", &sealed, at)?, None); // dead at that instant
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
+    pub fn encrypt_until(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        expires_at: SystemTime,
+    ) -> Result<Bytes, CacheError> {
+        self.seal_v2(key, plaintext, unix_ms(expires_at))
+    }
+
+    fn seal_v2(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        expires_at_ms: u64,
+    ) -> Result<Bytes, CacheError> {
+        let fail =
+            |what: String| CacheError::serialization::<EncryptedEnvelope>(key, "encrypt", what);
+        let mut nonce = [0u8; NONCE_LEN];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| fail(format!("the OS random number generator failed: {e}")))?;
+        self.seal_v2_with(key, plaintext, expires_at_ms, nonce)
+    }
+
+    fn seal_v2_with(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        expires_at_ms: u64,
+        nonce: [u8; NONCE_LEN],
+    ) -> Result<Bytes, CacheError> {
+        let fail =
+            |what: String| CacheError::serialization::<EncryptedEnvelope>(key, "encrypt", what);
+        let entry = self.current(fail)?;
+        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&entry.id.to_be_bytes());
+        out.extend_from_slice(&expires_at_ms.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        let aad = associated_data(&out, key);
+        // Encrypted in place: the plaintext is copied into the output buffer and overwritten
+        // there by the ciphertext, so no other copy of it is made.
+        out.extend_from_slice(plaintext);
+        let tag = entry
+            .v2
+            .encrypt_inout_detached(&nonce.into(), &aad, (&mut out[HEADER_LEN..]).into())
+            .map_err(|_| {
+                fail(format!(
+                    "XChaCha20-Poly1305 refused a {}-byte value (the limit is 256 GiB)",
+                    plaintext.len()
+                ))
+            })?;
+        out.extend_from_slice(&tag);
+        Ok(Bytes::from(out))
+    }
+
+    /// Encrypts in the old version-1 format (AES-256-GCM, no expiry), for tests and
+    /// benchmarks that need what earlier releases wrote. Never used by the decorator.
+    #[doc(hidden)]
+    pub fn encrypt_v1(&self, key: &str, plaintext: &[u8]) -> Result<Bytes, CacheError> {
+        let fail =
+            |what: String| CacheError::serialization::<EncryptedEnvelope>(key, "encrypt", what);
+        let mut nonce = [0u8; NONCE_LEN_V1];
+        getrandom::fill(&mut nonce)
+            .map_err(|e| fail(format!("the OS random number generator failed: {e}")))?;
+        self.seal_v1_with(key, plaintext, nonce)
+    }
+
+    fn seal_v1_with(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        nonce: [u8; NONCE_LEN_V1],
+    ) -> Result<Bytes, CacheError> {
+        let fail =
+            |what: String| CacheError::serialization::<EncryptedEnvelope>(key, "encrypt", what);
+        let entry = self.current(fail)?;
+        let mut out = Vec::with_capacity(HEADER_LEN_V1 + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION_V1);
+        out.extend_from_slice(&entry.id.to_be_bytes());
+        out.extend_from_slice(&nonce);
+        let aad = associated_data(&out, key);
+        out.extend_from_slice(plaintext);
+        let tag = entry
+            .v1
+            .encrypt_inout_detached(&nonce.into(), &aad, (&mut out[HEADER_LEN_V1..]).into())
             .map_err(|_| {
                 fail(format!(
                     "AES-GCM refused a {}-byte value (the limit is 64 GiB)",
                     plaintext.len()
                 ))
             })?;
-        let mut out = BytesMut::with_capacity(HEADER_LEN + sealed.len());
-        out.put_slice(&header);
-        out.put_slice(&sealed);
-        Ok(out.freeze())
+        out.extend_from_slice(&tag);
+        Ok(Bytes::from(out))
     }
 
-    /// Decrypts an envelope stored under the cache key `key`.
+    /// Decrypts an envelope stored under the cache key `key`: `Ok(None)` if it is a
+    /// version-2 value past its authenticated expiry (a miss, like an expired entry), else
+    /// the plaintext, in a buffer zeroed when its last handle drops.
     ///
-    /// Anything that is not an envelope [`encrypt`](Self::encrypt) wrote for this `key` with
-    /// a key of this keyring is [`CacheError::Serialization`] (action `decrypt`) naming `key`
-    /// and, when the envelope names one, the key id. Never panics, whatever the input.
+    /// Anything that is not an envelope [`encrypt`](Self::encrypt) (or an earlier release)
+    /// wrote for this `key` with a key of this keyring is [`CacheError::Serialization`]
+    /// (action `decrypt`) naming `key` and, when the envelope names one, the key id. The tag
+    /// is checked before the expiry, so changed expiry bytes are an error too. Never panics,
+    /// whatever the input.
     ///
     /// ```
+    /// use std::time::{Duration, SystemTime};
     /// use bytes::Bytes;
     /// use cachet::{CacheError, EncryptionKeys};
     ///
     /// let keys = EncryptionKeys::new(1, [1u8; 32]);
-    /// let sealed = keys.encrypt("org:acme", b"{\"secret\":1}")?;
-    /// assert_eq!(keys.decrypt("org:acme", &sealed)?, &b"{\"secret\":1}"[..]);
+    /// let sealed = keys.encrypt("org:acme", b"{\"secret\":1}", Duration::from_secs(60))?;
+    /// assert_eq!(keys.decrypt("org:acme", &sealed)?.as_deref(), Some(&b"{\"secret\":1}"[..]));
     ///
     /// let moved = keys.decrypt("org:evil", &sealed).unwrap_err();
     /// assert!(matches!(moved, CacheError::Serialization { .. }));
@@ -360,38 +627,97 @@ impl EncryptionKeys {
     /// let unknown = other_ring.decrypt("org:acme", &sealed).unwrap_err();
     /// assert!(unknown.to_string().contains("key id 1"));
     ///
+    /// let dead = keys.encrypt_until("org:acme", b"old", SystemTime::now() - Duration::from_secs(1))?;
+    /// assert_eq!(keys.decrypt("org:acme", &dead)?, None);
+    ///
     /// assert!(keys.decrypt("org:acme", &Bytes::from_static(b"{}")).is_err());
     /// # Ok::<(), CacheError>(())
     /// ```
-    pub fn decrypt(&self, key: &str, stored: &Bytes) -> Result<Bytes, CacheError> {
+    pub fn decrypt(&self, key: &str, stored: &Bytes) -> Result<Option<Bytes>, CacheError> {
+        self.decrypt_at(key, stored, SystemTime::now())
+    }
+
+    /// Like [`decrypt`](Self::decrypt), with `now` as the current time: a version-2 value
+    /// is a miss from its expiry instant on.
+    ///
+    /// ```
+    /// use std::time::{Duration, SystemTime};
+    ///
+    /// let keys = cachet::EncryptionKeys::new(1, [1u8; 32]);
+    /// let now = SystemTime::now();
+    /// let sealed = keys.encrypt_until("k", b"v", now + Duration::from_secs(10))?;
+    /// assert!(keys.decrypt_at("k", &sealed, now + Duration::from_secs(9))?.is_some());
+    /// assert!(keys.decrypt_at("k", &sealed, now + Duration::from_secs(10))?.is_none());
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
+    pub fn decrypt_at(
+        &self,
+        key: &str,
+        stored: &Bytes,
+        now: SystemTime,
+    ) -> Result<Option<Bytes>, CacheError> {
+        let opened = self.open(key, stored)?;
+        Ok(match opened.expires_at_ms {
+            Some(expires) if unix_ms(now) >= expires => None,
+            _ => Some(opened.plaintext),
+        })
+    }
+
+    /// Checks the tag and decrypts, whatever the expiry.
+    fn open(&self, key: &str, stored: &Bytes) -> Result<Opened, CacheError> {
         let envelope = EncryptedEnvelope::parse(key, stored)?;
         let fail =
             |what: String| CacheError::serialization::<EncryptedEnvelope>(key, "decrypt", what);
-        let Some(cipher) = self.cipher_for(envelope.key_id) else {
+        if envelope.version == VERSION_V1 && !self.accept_v1 {
+            return Err(fail(format!(
+                "the value is an envelope of version 1 (no authenticated expiry), which this \
+                 keyring no longer accepts (key id {}); it was written before the upgrade to \
+                 version 2, or written back by someone who saved it",
+                envelope.key_id
+            )));
+        }
+        let Some(entry) = self.entry_for(envelope.key_id) else {
             return Err(fail(format!(
                 "the value was encrypted with key id {}, which this keyring does not hold (it holds {})",
                 envelope.key_id,
                 self.ids_text()
             )));
         };
-        let header = header(envelope.key_id, &envelope.nonce);
-        let aad = associated_data(&header, key);
-        cipher
-            .decrypt(
-                &Nonce::from(envelope.nonce),
-                Payload {
-                    msg: &envelope.ciphertext,
-                    aad: &aad,
-                },
+        let aad = associated_data(&envelope.header, key);
+        let sealed = &envelope.ciphertext;
+        let (body, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        let mut plaintext = Zeroizing::new(body.to_vec());
+        let nonce = envelope.nonce();
+        let verified = if envelope.version == VERSION_V1 {
+            let nonce: [u8; NONCE_LEN_V1] = nonce.try_into().unwrap_or_default();
+            let tag: [u8; TAG_LEN] = tag.try_into().unwrap_or_default();
+            entry.v1.decrypt_inout_detached(
+                &nonce.into(),
+                &aad,
+                plaintext.as_mut_slice().into(),
+                &tag.into(),
             )
-            .map(Bytes::from)
-            .map_err(|_| {
-                fail(format!(
-                    "authentication failed with key id {}: the bytes were changed, the value was \
-                     stored under another key, or key id {} is not the key that encrypted it",
-                    envelope.key_id, envelope.key_id
-                ))
-            })
+        } else {
+            let nonce: [u8; NONCE_LEN] = nonce.try_into().unwrap_or([0; NONCE_LEN]);
+            let tag: [u8; TAG_LEN] = tag.try_into().unwrap_or_default();
+            entry.v2.decrypt_inout_detached(
+                &nonce.into(),
+                &aad,
+                plaintext.as_mut_slice().into(),
+                &tag.into(),
+            )
+        };
+        if verified.is_err() {
+            return Err(fail(format!(
+                "authentication failed with key id {}: the bytes were changed, the value was \
+                 stored under another key, or key id {} is not the key that encrypted it",
+                envelope.key_id, envelope.key_id
+            )));
+        }
+        Ok(Opened {
+            plaintext: Bytes::from_owner(plaintext),
+            expires_at_ms: envelope.expires_at_ms,
+        })
     }
 
     fn ids_text(&self) -> String {
@@ -406,56 +732,62 @@ impl fmt::Debug for EncryptionKeys {
         f.debug_struct("EncryptionKeys")
             .field("current_id", &self.current_id)
             .field("previous_ids", &previous)
+            .field("accept_v1", &self.accept_v1)
             .finish()
     }
 }
 
-fn cipher(key: &EncryptionKey) -> Aes256Gcm {
-    Aes256Gcm::new(&Key::<Aes256Gcm>::from(*key.as_bytes()))
+/// Milliseconds since the Unix epoch; 0 before it.
+fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, duration_ms)
 }
 
-fn header(key_id: u32, nonce: &[u8; NONCE_LEN]) -> [u8; HEADER_LEN] {
-    let mut header = [0u8; HEADER_LEN];
-    header[..2].copy_from_slice(MAGIC);
-    header[2] = VERSION;
-    header[3..7].copy_from_slice(&key_id.to_be_bytes());
-    header[7..].copy_from_slice(nonce);
-    header
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// The header, then the key name: the header has a fixed length, so no two (header, key)
-/// pairs give the same bytes.
-fn associated_data(header: &[u8; HEADER_LEN], key: &str) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(HEADER_LEN + key.len());
+/// The header, then the key name: the header of each version has a fixed length, so no two
+/// (header, key) pairs give the same bytes.
+fn associated_data(header: &[u8], key: &str) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + key.len());
     aad.extend_from_slice(header);
     aad.extend_from_slice(key.as_bytes());
     aad
 }
 
-/// A parsed (not yet decrypted) encrypted value: the header fields and the ciphertext.
+/// A parsed (not yet decrypted) encrypted value: the header fields and the ciphertext, of
+/// either version.
 ///
-/// [`parse`](Self::parse) checks the layout only; the tag is checked by
-/// [`EncryptionKeys::decrypt`].
+/// [`parse`](Self::parse) checks the layout only; the tag (and so every header field) is
+/// checked by [`EncryptionKeys::decrypt`].
 ///
 /// ```
+/// use std::time::Duration;
 /// use cachet::{EncryptedEnvelope, EncryptionKeys};
 ///
-/// let sealed = EncryptionKeys::new(42, [0u8; 32]).encrypt("k", b"v")?;
+/// let sealed = EncryptionKeys::new(42, [0u8; 32]).encrypt("k", b"v", Duration::from_secs(60))?;
 /// let envelope = EncryptedEnvelope::parse("k", &sealed)?;
 /// assert_eq!(envelope.key_id(), 42);
+/// assert_eq!(envelope.version(), 2);
 /// assert_eq!(envelope.ciphertext().len(), 1 + 16);
 /// # Ok::<(), cachet::CacheError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncryptedEnvelope {
+    version: u8,
     key_id: u32,
-    nonce: [u8; NONCE_LEN],
+    /// Milliseconds since the epoch; `None` in version 1.
+    expires_at_ms: Option<u64>,
+    /// The header bytes as stored (the start of the associated data).
+    header: Bytes,
+    /// The ciphertext followed by the tag.
     ciphertext: Bytes,
 }
 
 impl EncryptedEnvelope {
     /// Reads the layout of `stored`, the value under the cache key `key`: anything malformed
-    /// (too short, bad magic, unknown version) is [`CacheError::Serialization`] naming `key`.
+    /// (too short for its version, bad magic, unknown version) is
+    /// [`CacheError::Serialization`] naming `key`.
     ///
     /// ```
     /// use bytes::Bytes;
@@ -467,40 +799,76 @@ impl EncryptedEnvelope {
     pub fn parse(key: &str, stored: &Bytes) -> Result<Self, CacheError> {
         let bad =
             |what: String| CacheError::serialization::<EncryptedEnvelope>(key, "decrypt", what);
-        if stored.len() < HEADER_LEN + TAG_LEN {
-            return Err(bad(format!(
-                "{} bytes is shorter than the {} bytes of an encrypted value's header and tag \
-                 (a value stored without encryption, or cut short)",
-                stored.len(),
-                HEADER_LEN + TAG_LEN
-            )));
+        let short = |needed: usize, what: &str| {
+            bad(format!(
+                "{} bytes is shorter than the {needed} bytes of {what} (a value stored without \
+                 encryption, or cut short)",
+                stored.len()
+            ))
+        };
+        if stored.len() < PREFIX_LEN {
+            return Err(short(
+                HEADER_LEN_V1 + TAG_LEN,
+                "the smallest encrypted value's header and tag",
+            ));
         }
         if &stored[..2] != MAGIC {
             return Err(bad(
                 "not an encrypted cachet value (bad magic; stored without encryption?)".to_owned(),
             ));
         }
-        if stored[2] != VERSION {
-            return Err(bad(format!(
-                "encrypted envelope version {} is not supported (this code reads version {VERSION})",
-                stored[2]
-            )));
+        let version = stored[2];
+        let header_len = match version {
+            VERSION => HEADER_LEN,
+            VERSION_V1 => HEADER_LEN_V1,
+            other => {
+                return Err(bad(format!(
+                    "encrypted envelope version {other} is not supported (this code writes \
+                     version {VERSION} and reads versions {VERSION_V1} and {VERSION})"
+                )));
+            }
+        };
+        if stored.len() < header_len + TAG_LEN {
+            return Err(short(
+                header_len + TAG_LEN,
+                &format!("a version-{version} encrypted value's header and tag"),
+            ));
         }
-        let mut id = [0u8; 4];
-        id.copy_from_slice(&stored[3..7]);
-        let mut nonce = [0u8; NONCE_LEN];
-        nonce.copy_from_slice(&stored[7..HEADER_LEN]);
+        let key_id = u32::from_be_bytes([stored[3], stored[4], stored[5], stored[6]]);
+        let expires_at_ms = (version == VERSION).then(|| {
+            let mut ms = [0u8; 8];
+            ms.copy_from_slice(&stored[7..15]);
+            u64::from_be_bytes(ms)
+        });
         Ok(EncryptedEnvelope {
-            key_id: u32::from_be_bytes(id),
-            nonce,
-            ciphertext: stored.slice(HEADER_LEN..),
+            version,
+            key_id,
+            expires_at_ms,
+            header: stored.slice(..header_len),
+            ciphertext: stored.slice(header_len..),
         })
+    }
+
+    /// The envelope version: [`VERSION`] (2) or [`VERSION_V1`] (1).
+    ///
+    /// ```
+    /// use cachet::{EncryptedEnvelope, EncryptionKeys};
+    ///
+    /// let keys = EncryptionKeys::new(1, [0u8; 32]);
+    /// let v1 = keys.encrypt_v1("k", b"v")?;
+    /// assert_eq!(EncryptedEnvelope::parse("k", &v1)?.version(), 1);
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
+    pub fn version(&self) -> u8 {
+        self.version
     }
 
     /// The id of the key that encrypted the value.
     ///
     /// ```
-    /// let sealed = cachet::EncryptionKeys::new(7, [0u8; 32]).encrypt("k", b"v")?;
+    /// use std::time::Duration;
+    ///
+    /// let sealed = cachet::EncryptionKeys::new(7, [0u8; 32]).encrypt("k", b"v", Duration::from_secs(1))?;
     /// assert_eq!(cachet::EncryptedEnvelope::parse("k", &sealed)?.key_id(), 7);
     /// # Ok::<(), cachet::CacheError>(())
     /// ```
@@ -508,22 +876,45 @@ impl EncryptedEnvelope {
         self.key_id
     }
 
-    /// The nonce the value was encrypted with.
+    /// The authenticated expiry as written (not yet verified: only a successful decrypt
+    /// proves it); `None` for version 1, which has none.
     ///
     /// ```
-    /// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v")?;
-    /// let envelope = cachet::EncryptedEnvelope::parse("k", &sealed)?;
-    /// assert_eq!(&sealed[7..19], envelope.nonce());
+    /// use std::time::{Duration, UNIX_EPOCH};
+    ///
+    /// let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+    /// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt_until("k", b"v", at)?;
+    /// assert_eq!(&sealed[7..15], &1_700_000_000_123u64.to_be_bytes());
+    /// assert_eq!(cachet::EncryptedEnvelope::parse("k", &sealed)?.expires_at(), Some(at));
     /// # Ok::<(), cachet::CacheError>(())
     /// ```
-    pub fn nonce(&self) -> &[u8; NONCE_LEN] {
-        &self.nonce
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        self.expires_at_ms
+            .map(|ms| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    /// The nonce the value was encrypted with: [`NONCE_LEN`] bytes in version 2,
+    /// [`NONCE_LEN_V1`] in version 1.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    ///
+    /// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"v", Duration::from_secs(1))?;
+    /// let envelope = cachet::EncryptedEnvelope::parse("k", &sealed)?;
+    /// assert_eq!(&sealed[15..39], envelope.nonce());
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
+    pub fn nonce(&self) -> &[u8] {
+        let start = if self.version == VERSION { 15 } else { 7 };
+        &self.header[start..]
     }
 
     /// The ciphertext followed by the 16-byte tag.
     ///
     /// ```
-    /// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"value")?;
+    /// use std::time::Duration;
+    ///
+    /// let sealed = cachet::EncryptionKeys::new(1, [0u8; 32]).encrypt("k", b"value", Duration::from_secs(1))?;
     /// let envelope = cachet::EncryptedEnvelope::parse("k", &sealed)?;
     /// assert_eq!(envelope.ciphertext().len(), 5 + 16);
     /// # Ok::<(), cachet::CacheError>(())
@@ -536,18 +927,37 @@ impl EncryptedEnvelope {
 /// Encrypts every value written through it and decrypts every value read, around any
 /// [`CacheService`] (`Arc<dyn CacheService>` too).
 ///
-/// - AES-256-GCM with a random 96-bit nonce per value, from the OS RNG;
+/// - XChaCha20-Poly1305 with a random 192-bit nonce per value, from the OS RNG (envelope
+///   version 2, [module docs](self)); values an earlier release wrote with AES-256-GCM
+///   (version 1) still read, until their server TTL ends;
 /// - the key's name (and the envelope header) is the associated data, so a value copied
 ///   under another key does not decrypt;
-/// - the key id travels in the envelope ([module docs](self)), so a keyring with previous
-///   keys still reads values written before a rotation, while new writes use the current key;
+/// - every value carries its expiry, authenticated: the end of the TTL the write used
+///   (`ttl_secs`, or this decorator's [default TTL](Self::with_default_ttl_secs) for
+///   `None`). A read after it is a miss (`Ok(None)`), whatever TTL the inner store holds, so
+///   a value saved and written back later by someone with write access to the store is not
+///   served. The same holds for the lease paths: an expired value found by
+///   [`lease`](CacheService::lease) is replaced by the lease, as a miss;
+/// - the key id travels in the envelope, so a keyring with previous keys still reads values
+///   written before a rotation, while new writes use the current key;
 /// - a value that does not decrypt is [`CacheError::Serialization`] naming the key (and the
 ///   key id), never a panic, and stays stored as it was;
 /// - keys are stored under exactly their names: `invalidate` and `invalidate_prefix` pass
-///   through unchanged.
+///   through unchanged, and so does `ttl_secs` (`None` stays `None` for the inner service).
 ///
 /// Only values are encrypted; key names are not. Keep secrets out of key names (hash tokens,
-/// as `token:<sha256>`).
+/// as `token:<sha256>`). What it does not stop: someone with write access can still delete
+/// or overwrite entries, or write back a value that is still within its TTL (an older
+/// value of the same key, until it expires); and a version-1 value saved before the upgrade
+/// can be written back until version-1 reads are turned off
+/// ([`EncryptionKeys::accept_v1`]).
+///
+/// The default TTL: the inner service's default TTL is not visible through
+/// [`CacheService`], so this decorator has its own (300 s, as every backend unless
+/// configured). If the inner service was built with another default TTL, give this
+/// decorator the same one ([`with_default_ttl_secs`](Self::with_default_ttl_secs)): a
+/// shorter one ends `None` writes earlier than the store does, a longer one leaves a replay
+/// window past the store's TTL.
 ///
 /// With [`NamespacedCacheService`](crate::NamespacedCacheService), the order matters: the
 /// associated data is the key name this service sees. Put the encryption inside the
@@ -576,19 +986,62 @@ impl EncryptedEnvelope {
 pub struct EncryptedCacheService<S> {
     inner: S,
     keys: EncryptionKeys,
+    default_ttl: Duration,
 }
 
+/// How many times [`CacheService::lease`] replaces an expired value before it reports the
+/// last one as unreadable (each replacement can only fail if the key is written again).
+const EXPIRED_LEASE_RETRIES: usize = 3;
+
 impl<S: CacheService> EncryptedCacheService<S> {
-    /// Wraps `inner`: values are encrypted with `keys`' current key.
+    /// Wraps `inner`: values are encrypted with `keys`' current key; `None` TTLs are 300 s
+    /// ([`DEFAULT_TTL_SECS`]) in the sealed expiry.
     ///
     /// ```
     /// use cachet::{EncryptedCacheService, EncryptionKeys, MokaCacheService};
     ///
     /// let cache = EncryptedCacheService::new(MokaCacheService::default(), EncryptionKeys::new(1, [1u8; 32]));
     /// assert_eq!(cache.keys().current_id(), 1);
+    /// assert_eq!(cache.default_ttl().as_secs(), 300);
     /// ```
     pub fn new(inner: S, keys: EncryptionKeys) -> Self {
-        EncryptedCacheService { inner, keys }
+        EncryptedCacheService {
+            inner,
+            keys,
+            default_ttl: Duration::from_secs(DEFAULT_TTL_SECS),
+        }
+    }
+
+    /// Sets the TTL sealed into values written with `ttl_secs: None`: give it the inner
+    /// service's default TTL. Outside `1..=MAX_TTL_SECS` is [`CacheError::Config`].
+    ///
+    /// ```
+    /// use cachet::{EncryptedCacheService, EncryptionKeys, MokaCacheService};
+    ///
+    /// let moka = MokaCacheService::builder().default_ttl_secs(60).build()?;
+    /// let cache = EncryptedCacheService::new(moka, EncryptionKeys::new(1, [1u8; 32]))
+    ///     .with_default_ttl_secs(60)?;
+    /// assert_eq!(cache.default_ttl().as_secs(), 60);
+    /// assert!(EncryptedCacheService::new(MokaCacheService::default(), EncryptionKeys::new(1, [1u8; 32]))
+    ///     .with_default_ttl_secs(0)
+    ///     .is_err());
+    /// # Ok::<(), cachet::CacheError>(())
+    /// ```
+    pub fn with_default_ttl_secs(mut self, secs: u64) -> Result<Self, CacheError> {
+        self.default_ttl = check_default_ttl(secs)?;
+        Ok(self)
+    }
+
+    /// The TTL sealed into values written with `ttl_secs: None`.
+    ///
+    /// ```
+    /// use cachet::{EncryptedCacheService, EncryptionKeys, MokaCacheService};
+    ///
+    /// let cache = EncryptedCacheService::new(MokaCacheService::default(), EncryptionKeys::new(1, [1u8; 32]));
+    /// assert_eq!(cache.default_ttl(), std::time::Duration::from_secs(300));
+    /// ```
+    pub fn default_ttl(&self) -> Duration {
+        self.default_ttl
     }
 
     /// The wrapped service, which sees only encrypted values.
@@ -629,9 +1082,21 @@ impl<S: CacheService> EncryptedCacheService<S> {
     }
 
     fn open(&self, key: &str, stored: Option<Bytes>) -> Result<Option<Bytes>, CacheError> {
-        stored
-            .map(|bytes| self.keys.decrypt(key, &bytes))
-            .transpose()
+        match stored {
+            Some(bytes) => self.keys.decrypt(key, &bytes),
+            None => Ok(None),
+        }
+    }
+
+    /// Encrypts `value` with the expiry of the write's TTL; zeroes `value`'s buffer after
+    /// if this is its only handle.
+    fn seal(&self, key: &str, value: Bytes, ttl_secs: Option<u64>) -> Result<Bytes, CacheError> {
+        let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
+        let sealed = self.keys.encrypt(key, &value, ttl);
+        if let Ok(mut unique) = value.try_into_mut() {
+            unique[..].zeroize();
+        }
+        sealed
     }
 }
 
@@ -639,6 +1104,7 @@ impl<S: fmt::Debug> fmt::Debug for EncryptedCacheService<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EncryptedCacheService")
             .field("keys", &self.keys)
+            .field("default_ttl", &self.default_ttl)
             .field("inner", &self.inner)
             .finish()
     }
@@ -663,7 +1129,7 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
         value: Bytes,
         ttl_secs: Option<u64>,
     ) -> Result<(), CacheError> {
-        let sealed = self.keys.encrypt(key, &value)?;
+        let sealed = self.seal(key, value, ttl_secs)?;
         self.inner.set_bytes(key, sealed, ttl_secs).await
     }
 
@@ -675,14 +1141,42 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
         self.inner.invalidate_prefix(prefix).await
     }
 
+    /// Decrypts a value the inner lease returns. One past its authenticated expiry is a
+    /// miss: it is replaced by the lease at once (a new request for the same token with
+    /// `replace` set to that value), so the caller sees what it would see for an expired
+    /// entry. A value that does not decrypt is [`LeaseRead::Unreadable`].
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
-        Ok(match self.inner.lease(key, request).await? {
-            LeaseRead::Value { value, version } => match self.keys.decrypt(key, &value) {
-                Ok(value) => LeaseRead::Value { value, version },
-                Err(error) => LeaseRead::Unreadable { error, version },
-            },
-            other => other,
-        })
+        let mut answer = self.inner.lease(key, request).await?;
+        let mut replaced = 0;
+        loop {
+            let LeaseRead::Value { value, version } = answer else {
+                return Ok(answer);
+            };
+            match self.keys.decrypt(key, &value) {
+                Ok(Some(value)) => return Ok(LeaseRead::Value { value, version }),
+                Err(error) => return Ok(LeaseRead::Unreadable { error, version }),
+                Ok(None) if replaced == EXPIRED_LEASE_RETRIES => {
+                    let error = CacheError::serialization::<EncryptedEnvelope>(
+                        key,
+                        "decrypt",
+                        format!(
+                            "the value is past its authenticated expiry, and an expired value \
+                             was written again each of the {EXPIRED_LEASE_RETRIES} times a \
+                             lease replaced it"
+                        ),
+                    );
+                    return Ok(LeaseRead::Unreadable { error, version });
+                }
+                Ok(None) => {
+                    replaced += 1;
+                    let replace = LeaseRequest {
+                        replace: Some(version),
+                        ..request.clone()
+                    };
+                    answer = self.inner.lease(key, &replace).await?;
+                }
+            }
+        }
     }
 
     async fn set_leased(
@@ -692,7 +1186,7 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
         value: Bytes,
         ttl_secs: Option<u64>,
     ) -> Result<bool, CacheError> {
-        let sealed = self.keys.encrypt(key, &value)?;
+        let sealed = self.seal(key, value, ttl_secs)?;
         self.inner.set_leased(key, lease, sealed, ttl_secs).await
     }
 
@@ -704,6 +1198,8 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
 
     fn keys() -> EncryptionKeys {
         EncryptionKeys::new(1, [1u8; 32])
@@ -720,53 +1216,137 @@ mod tests {
         }
     }
 
+    fn plain(keys: &EncryptionKeys, key: &str, stored: &Bytes) -> Bytes {
+        match keys.decrypt(key, stored) {
+            Ok(Some(plain)) => plain,
+            other => panic!("expected a value, got {other:?}"),
+        }
+    }
+
+    /// Both versions of the same value, for tests that hold for either.
+    fn both(keys: &EncryptionKeys, key: &str, value: &[u8]) -> [Bytes; 2] {
+        [
+            keys.encrypt(key, value, MINUTE).unwrap(),
+            keys.encrypt_v1(key, value).unwrap(),
+        ]
+    }
+
     #[test]
     fn round_trip_of_empty_small_and_large_values() {
         let keys = keys();
-        for len in [0usize, 1, 15, 16, 17, 1000, 1 << 20] {
+        for len in [0usize, 1, 15, 16, 17, 63, 64, 65, 1000, 1 << 20] {
             let value: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
-            let sealed = keys.encrypt("k", &value).unwrap();
+            let sealed = keys.encrypt("k", &value, MINUTE).unwrap();
             assert_eq!(sealed.len(), HEADER_LEN + len + TAG_LEN);
             assert_eq!(&sealed[..2], MAGIC);
             assert_eq!(sealed[2], VERSION);
             assert_eq!(&sealed[3..7], &1u32.to_be_bytes());
-            assert_eq!(keys.decrypt("k", &sealed).unwrap(), value);
+            assert_eq!(plain(&keys, "k", &sealed), value);
+
+            let old = keys.encrypt_v1("k", &value).unwrap();
+            assert_eq!(old.len(), HEADER_LEN_V1 + len + TAG_LEN);
+            assert_eq!(old[2], VERSION_V1);
+            assert_eq!(plain(&keys, "k", &old), value);
         }
+    }
+
+    /// Computed independently of this code (Python's `cryptography`: AES-GCM for version 1;
+    /// HMAC-SHA256, a hand-written HChaCha20 checked against the draft's test vector, and
+    /// ChaCha20-Poly1305 for version 2), so that the format cannot drift unnoticed.
+    #[test]
+    fn known_answers_of_both_versions() {
+        let keys = EncryptionKeys::new(1, [0x11u8; 32]);
+        let v1 = hex::decode(
+            "43530100000001000102030405060708090a0b68c1c67f1acd17ce36c8a1f0e6d299d205b1ad39691d\
+             943bb2a73fe8da29",
+        )
+        .unwrap();
+        let v2 = hex::decode(
+            "435302000000010000018bcfe56800000102030405060708090a0b0c0d0e0f1011121314151617a608\
+             02de90d1063a6163cdbb7aca68894678658f151f4a2ecab97bbc8c96",
+        )
+        .unwrap();
+        let value = br#"{"plan":"pro"}"#;
+        let nonce_v1: [u8; 12] = std::array::from_fn(|i| i as u8);
+        let nonce_v2: [u8; 24] = std::array::from_fn(|i| i as u8);
+        assert_eq!(keys.seal_v1_with("org:acme", value, nonce_v1).unwrap(), v1);
+        let expires = 1_700_000_000_000;
+        assert_eq!(
+            keys.seal_v2_with("org:acme", value, expires, nonce_v2)
+                .unwrap(),
+            v2
+        );
+        assert_eq!(
+            hex::encode(*derive_v2_key(&EncryptionKey::from([0x11u8; 32]))),
+            "9aaf326f4b9f462e7a26dbf0cc50c4bfd851f26e08272296f81106677efa17ca"
+        );
+        let before = UNIX_EPOCH + Duration::from_millis(expires - 1);
+        let v2 = Bytes::from(v2);
+        assert_eq!(
+            keys.decrypt_at("org:acme", &v2, before).unwrap().as_deref(),
+            Some(&value[..])
+        );
+        assert_eq!(
+            keys.decrypt_at("org:acme", &v2, UNIX_EPOCH + Duration::from_millis(expires))
+                .unwrap(),
+            None
+        );
+        // Version 1 has no expiry: it reads at any time.
+        assert_eq!(plain(&keys, "org:acme", &Bytes::from(v1)), &value[..]);
     }
 
     #[test]
     fn every_length_shorter_than_header_and_tag_is_an_error() {
         let keys = keys();
-        let sealed = keys.encrypt("k", b"").unwrap();
-        assert_eq!(sealed.len(), HEADER_LEN + TAG_LEN);
-        for len in 0..sealed.len() {
-            let msg = decrypt_error(&keys, "k", &sealed[..len]);
-            assert!(msg.contains("shorter"), "{msg}");
+        for sealed in both(&keys, "k", b"") {
+            assert_eq!(
+                sealed.len(),
+                if sealed[2] == VERSION {
+                    HEADER_LEN
+                } else {
+                    HEADER_LEN_V1
+                } + TAG_LEN
+            );
+            for len in 0..sealed.len() {
+                let msg = decrypt_error(&keys, "k", &sealed[..len]);
+                assert!(msg.contains("shorter"), "{msg}");
+            }
         }
     }
 
     #[test]
-    fn truncated_values_fail() {
+    fn truncated_and_extended_values_fail() {
         let keys = keys();
-        let sealed = keys.encrypt("k", b"a longer secret value").unwrap();
-        for len in 0..sealed.len() {
-            decrypt_error(&keys, "k", &sealed[..len]);
+        for sealed in both(&keys, "k", b"a longer secret value") {
+            for len in 0..sealed.len() {
+                decrypt_error(&keys, "k", &sealed[..len]);
+            }
+            let mut longer = sealed.to_vec();
+            longer.push(0);
+            decrypt_error(&keys, "k", &longer);
         }
-        let mut longer = sealed.to_vec();
-        longer.push(0);
-        decrypt_error(&keys, "k", &longer);
     }
 
     #[test]
-    fn bad_magic_and_version_are_reported_as_such() {
+    fn bad_magic_and_unknown_versions_are_reported_as_such() {
         let keys = keys();
-        let sealed = keys.encrypt("k", b"value").unwrap().to_vec();
+        let sealed = keys.encrypt("k", b"value", MINUTE).unwrap().to_vec();
         let mut magic = sealed.clone();
         magic[0] = b'X';
         assert!(decrypt_error(&keys, "k", &magic).contains("magic"));
-        let mut version = sealed.clone();
-        version[2] = 2;
-        assert!(decrypt_error(&keys, "k", &version).contains("version 2"));
+        for version in [0u8, 3, 0x7f, 0xff] {
+            let mut changed = sealed.clone();
+            changed[2] = version;
+            let msg = decrypt_error(&keys, "k", &changed);
+            assert!(msg.contains(&format!("version {version} ")), "{msg}");
+        }
+        // A version 2 value relabelled 1 (and the reverse) parses, and fails the tag.
+        let mut as_v1 = sealed.clone();
+        as_v1[2] = VERSION_V1;
+        assert!(decrypt_error(&keys, "k", &as_v1).contains("authentication failed"));
+        let mut as_v2 = keys.encrypt_v1("k", &[7u8; 40]).unwrap().to_vec();
+        as_v2[2] = VERSION;
+        assert!(decrypt_error(&keys, "k", &as_v2).contains("authentication failed"));
         let plain_json = br#"{"id":1,"slug":"acme","secret":"a long enough plaintext"}"#;
         assert!(decrypt_error(&keys, "k", plain_json).contains("magic"));
     }
@@ -774,14 +1354,99 @@ mod tests {
     #[test]
     fn every_flipped_bit_fails() {
         let keys = keys();
-        let sealed = keys.encrypt("k", b"value").unwrap().to_vec();
-        for i in 0..sealed.len() {
-            for bit in 0..8 {
-                let mut flipped = sealed.clone();
-                flipped[i] ^= 1 << bit;
-                decrypt_error(&keys, "k", &flipped);
+        for sealed in both(&keys, "k", b"value") {
+            let sealed = sealed.to_vec();
+            for i in 0..sealed.len() {
+                for bit in 0..8 {
+                    let mut flipped = sealed.clone();
+                    flipped[i] ^= 1 << bit;
+                    decrypt_error(&keys, "k", &flipped);
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_changed_expiry_fails_authentication_whichever_way() {
+        let keys = keys();
+        let now = SystemTime::now();
+        let live = keys.encrypt_until("k", b"v", now + MINUTE).unwrap();
+        let dead = keys.encrypt_until("k", b"v", now - MINUTE).unwrap();
+        assert_eq!(
+            keys.decrypt("k", &dead).unwrap(),
+            None,
+            "a miss, not an error"
+        );
+        for (sealed, new_expiry) in [
+            (&dead, u64::MAX),
+            (&dead, unix_ms(now + MINUTE)),
+            (&live, 0),
+            (&live, unix_ms(now - MINUTE)),
+            (&live, unix_ms(now + MINUTE) + 1),
+        ] {
+            let mut changed = sealed.to_vec();
+            changed[7..15].copy_from_slice(&new_expiry.to_be_bytes());
+            let msg = decrypt_error(&keys, "k", &changed);
+            assert!(msg.contains("authentication failed with key id 1"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn the_expiry_is_the_ttl_from_now_and_is_checked_at_read_time() {
+        let keys = keys();
+        let before = unix_ms(SystemTime::now());
+        let sealed = keys.encrypt("k", b"v", Duration::from_secs(5)).unwrap();
+        let after = unix_ms(SystemTime::now());
+        let envelope = EncryptedEnvelope::parse("k", &sealed).unwrap();
+        let expires = unix_ms(envelope.expires_at().unwrap());
+        assert!(
+            (before + 5000..=after + 5000).contains(&expires),
+            "{expires}"
+        );
+        let at = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+        assert!(
+            keys.decrypt_at("k", &sealed, at(expires - 1))
+                .unwrap()
+                .is_some()
+        );
+        assert!(
+            keys.decrypt_at("k", &sealed, at(expires))
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            keys.decrypt_at("k", &sealed, at(u64::MAX))
+                .unwrap()
+                .is_none()
+        );
+        // Extremes: a TTL past the end of time saturates; an instant before the epoch is 0.
+        let forever = keys.encrypt("k", b"v", Duration::MAX).unwrap();
+        assert_eq!(&forever[7..15], &u64::MAX.to_be_bytes());
+        let ancient = keys
+            .encrypt_until("k", b"v", UNIX_EPOCH - Duration::from_secs(1))
+            .unwrap();
+        assert_eq!(&ancient[7..15], &[0u8; 8]);
+        assert_eq!(keys.decrypt("k", &ancient).unwrap(), None);
+        // A version 1 value has no expiry: it reads whenever.
+        let old = keys.encrypt_v1("k", b"v").unwrap();
+        assert_eq!(
+            EncryptedEnvelope::parse("k", &old).unwrap().expires_at(),
+            None
+        );
+        assert!(keys.decrypt_at("k", &old, at(u64::MAX)).unwrap().is_some());
+    }
+
+    #[test]
+    fn version_1_can_be_refused() {
+        let keys = keys().accept_v1(false);
+        let old = keys.encrypt_v1("k", b"v").unwrap();
+        let msg = decrypt_error(&keys, "k", &old);
+        assert!(msg.contains("version 1"), "{msg}");
+        assert_eq!(
+            plain(&keys, "k", &keys.encrypt("k", b"v", MINUTE).unwrap()),
+            &b"v"[..]
+        );
+        assert!(format!("{keys:?}").contains("accept_v1: false"));
     }
 
     #[test]
@@ -789,54 +1454,59 @@ mod tests {
         let keys = EncryptionKeys::new(1, [1u8; 32])
             .with_previous(2, [2u8; 32])
             .unwrap();
-        let sealed = keys.encrypt("k", b"value").unwrap().to_vec();
-        let mut other_known = sealed.clone();
-        other_known[3..7].copy_from_slice(&2u32.to_be_bytes());
-        let msg = decrypt_error(&keys, "k", &other_known);
-        assert!(msg.contains("authentication failed with key id 2"), "{msg}");
-        let mut unknown = sealed.clone();
-        unknown[3..7].copy_from_slice(&u32::MAX.to_be_bytes());
-        let msg = decrypt_error(&keys, "k", &unknown);
-        assert!(msg.contains(&format!("key id {}", u32::MAX)), "{msg}");
-        assert!(msg.contains("holds 1, 2"), "{msg}");
+        for sealed in both(&keys, "k", b"value") {
+            let sealed = sealed.to_vec();
+            let mut other_known = sealed.clone();
+            other_known[3..7].copy_from_slice(&2u32.to_be_bytes());
+            let msg = decrypt_error(&keys, "k", &other_known);
+            assert!(msg.contains("authentication failed with key id 2"), "{msg}");
+            let mut unknown = sealed.clone();
+            unknown[3..7].copy_from_slice(&u32::MAX.to_be_bytes());
+            let msg = decrypt_error(&keys, "k", &unknown);
+            assert!(msg.contains(&format!("key id {}", u32::MAX)), "{msg}");
+            assert!(msg.contains("holds 1, 2"), "{msg}");
+        }
     }
 
     #[test]
     fn the_key_name_is_bound() {
         let keys = keys();
-        let sealed = keys.encrypt("org:acme", b"value").unwrap();
-        for other in ["org:acm", "org:acme ", "", "org:acmf", "ORG:ACME"] {
-            let msg = decrypt_error(&keys, other, &sealed);
-            assert!(msg.contains("authentication failed with key id 1"), "{msg}");
+        for sealed in both(&keys, "org:acme", b"value") {
+            for other in ["org:acm", "org:acme ", "", "org:acmf", "ORG:ACME"] {
+                let msg = decrypt_error(&keys, other, &sealed);
+                assert!(msg.contains("authentication failed with key id 1"), "{msg}");
+            }
+            assert_eq!(plain(&keys, "org:acme", &sealed), &b"value"[..]);
         }
-        assert_eq!(keys.decrypt("org:acme", &sealed).unwrap(), &b"value"[..]);
     }
 
     #[test]
     fn a_wrong_key_with_the_same_id_fails_authentication() {
-        let sealed = keys().encrypt("k", b"value").unwrap();
         let impostor = EncryptionKeys::new(1, [9u8; 32]);
-        assert!(decrypt_error(&impostor, "k", &sealed).contains("authentication failed"));
+        for sealed in both(&keys(), "k", b"value") {
+            assert!(decrypt_error(&impostor, "k", &sealed).contains("authentication failed"));
+        }
     }
 
     #[test]
     fn previous_keys_decrypt_and_the_current_one_encrypts() {
         let old = EncryptionKeys::new(1, [1u8; 32]);
-        let sealed_old = old.encrypt("k", b"old").unwrap();
         let rotated = EncryptionKeys::new(2, [2u8; 32])
             .with_previous(1, [1u8; 32])
             .unwrap();
-        assert_eq!(rotated.decrypt("k", &sealed_old).unwrap(), &b"old"[..]);
-        let sealed_new = rotated.encrypt("k", b"new").unwrap();
+        for sealed_old in both(&old, "k", b"old") {
+            assert_eq!(plain(&rotated, "k", &sealed_old), &b"old"[..]);
+            let only_new = EncryptionKeys::new(2, [2u8; 32]);
+            let msg = decrypt_error(&only_new, "k", &sealed_old);
+            assert!(msg.contains("key id 1"), "{msg}");
+        }
+        let sealed_new = rotated.encrypt("k", b"new", MINUTE).unwrap();
         assert_eq!(
             EncryptedEnvelope::parse("k", &sealed_new).unwrap().key_id(),
             2
         );
         let msg = decrypt_error(&old, "k", &sealed_new);
         assert!(msg.contains("key id 2"), "{msg}");
-        let only_new = EncryptionKeys::new(2, [2u8; 32]);
-        let msg = decrypt_error(&only_new, "k", &sealed_old);
-        assert!(msg.contains("key id 1"), "{msg}");
     }
 
     #[test]
@@ -853,14 +1523,42 @@ mod tests {
     #[test]
     fn nonces_differ_between_writes() {
         let keys = keys();
-        let nonces: std::collections::HashSet<[u8; NONCE_LEN]> = (0..1000)
+        let nonces: std::collections::HashSet<Vec<u8>> = (0..1000)
             .map(|_| {
-                *EncryptedEnvelope::parse("k", &keys.encrypt("k", b"same").unwrap())
+                let sealed = keys.encrypt("k", b"same", MINUTE).unwrap();
+                EncryptedEnvelope::parse("k", &sealed)
                     .unwrap()
                     .nonce()
+                    .to_vec()
             })
             .collect();
         assert_eq!(nonces.len(), 1000);
+        assert!(nonces.iter().all(|n| n.len() == NONCE_LEN));
+    }
+
+    #[test]
+    fn the_two_versions_use_different_keys() {
+        let key = EncryptionKey::from([3u8; 32]);
+        assert_ne!(&*derive_v2_key(&key), key.as_bytes());
+        assert_ne!(
+            derive_v2_key(&key),
+            derive_v2_key(&EncryptionKey::from([4u8; 32]))
+        );
+    }
+
+    #[test]
+    fn the_decorator_seals_with_its_ttl_and_checks_it() {
+        let service = EncryptedCacheService::new(crate::MokaCacheService::default(), keys());
+        let value = Bytes::from(b"secret plaintext".to_vec());
+        let sealed = service.seal("k", value, None).unwrap();
+        assert_eq!(
+            plain(service.keys(), "k", &sealed),
+            &b"secret plaintext"[..]
+        );
+        let err = service
+            .seal("k", Bytes::from_static(b"v"), Some(0))
+            .unwrap_err();
+        assert!(matches!(err, CacheError::InvalidArgument { .. }), "{err}");
     }
 
     #[test]
