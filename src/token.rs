@@ -70,6 +70,8 @@ pub fn keyed_token_key(digest_key: &[u8], token: &str) -> Result<String, CacheEr
             ),
         ));
     }
+    // HMAC accepts a key of any length (RFC 2104: long keys are hashed, short ones padded),
+    // so this cannot fail; the length check above is our own policy.
     let mut mac =
         <Hmac<Sha256> as Mac>::new_from_slice(digest_key).expect("HMAC takes a key of any length");
     mac.update(token.as_bytes());
@@ -207,6 +209,7 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
     /// The cache key this cache uses for `token`.
     pub fn key_for(&self, token: &str) -> String {
         match &self.digest_key {
+            // Invariant: `with_digest_key`, the only way to set the key, checked its length.
             Some(key) => keyed_token_key(key, token).expect("checked by with_digest_key"),
             None => token_key(token),
         }

@@ -333,6 +333,7 @@ struct Pending(Option<RedisHeld>);
 
 impl Pending {
     fn disarm(&mut self) -> RedisHeld {
+        // Invariant: each `Pending` is disarmed at most once, on the path that returns.
         self.0.take().expect("disarmed once")
     }
 }
@@ -391,6 +392,7 @@ impl ConcurrencyService for RedisConcurrencyService {
                     let started = Instant::now();
                     let acknowledged = self
                         .replicas_acknowledged(
+                            // Invariant: armed two lines above, disarmed only below.
                             waiting.0.as_ref().expect("armed"),
                             required,
                             timeout,
