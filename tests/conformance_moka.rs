@@ -242,3 +242,53 @@ async fn long_prefix_invalidation_lets_other_tasks_run() {
         "the ticker ran only {during} times during the scan"
     );
 }
+
+/// A cached "not found" marker and a value of the same key replace each other across the
+/// two spaces; every operation sees the key in whichever space holds it.
+#[tokio::test]
+async fn markers_and_values_of_one_key_replace_each_other() {
+    use cachet::load::{Frame, LeaseRead, LeaseRequest};
+    let cache = MokaCacheService::builder()
+        .max_entries(100)
+        .build()
+        .unwrap();
+    let marker = Frame::absent(u64::MAX).encode();
+    let value = bytes::Bytes::from_static(b"\"v\"");
+    cache.set_bytes("t:k", marker.clone(), None).await.unwrap();
+    assert_eq!(cache.get_bytes("t:k").await.unwrap(), Some(marker.clone()));
+    cache.run_pending_tasks();
+    assert_eq!((cache.negative_entry_count(), cache.entry_count()), (1, 1));
+    cache.set_bytes("t:k", value.clone(), None).await.unwrap();
+    assert_eq!(cache.get_bytes("t:k").await.unwrap(), Some(value.clone()));
+    cache.run_pending_tasks();
+    assert_eq!((cache.negative_entry_count(), cache.entry_count()), (0, 1));
+    cache.set_bytes("t:k", marker.clone(), None).await.unwrap();
+    assert_eq!(cache.get_bytes("t:k").await.unwrap(), Some(marker.clone()));
+    // A lease sees the marker as the stored value, and taking it over hides the marker.
+    let mut request = LeaseRequest::new();
+    let LeaseRead::Value { version, .. } = cache.lease("t:k", &request).await.unwrap() else {
+        panic!("the marker is the key's value");
+    };
+    request.replace = Some(version);
+    let LeaseRead::Granted(lease) = cache.lease("t:k", &request).await.unwrap() else {
+        panic!("a lease replacing the marker is granted");
+    };
+    assert_eq!(cache.get_bytes("t:k").await.unwrap(), None);
+    assert!(
+        cache
+            .set_leased("t:k", &lease, marker.clone(), None)
+            .await
+            .unwrap()
+    );
+    assert_eq!(cache.get_bytes("t:k").await.unwrap(), Some(marker.clone()));
+    // Invalidation, prefixes and clear reach markers too.
+    cache.invalidate("t:k").await.unwrap();
+    assert_eq!(cache.get_bytes("t:k").await.unwrap(), None);
+    cache.set_bytes("t:a", marker.clone(), None).await.unwrap();
+    cache.set_bytes("t:b", value.clone(), None).await.unwrap();
+    cache.set_bytes("u:c", marker.clone(), None).await.unwrap();
+    assert_eq!(cache.invalidate_prefix("t:").await.unwrap(), 2);
+    assert_eq!(cache.get_bytes("u:c").await.unwrap(), Some(marker));
+    cache.clear();
+    assert_eq!(cache.get_bytes("u:c").await.unwrap(), None);
+}

@@ -320,3 +320,148 @@ async fn apps_in_other_namespaces_cannot_clear_each_others_l1() {
         "another app's invalidation emptied b's L1"
     );
 }
+
+/// An org store with `hot` orgs (`hot-0`, `hot-1`, …); every other slug is unknown. Counts
+/// the loads.
+#[derive(Clone)]
+struct HotOrgs {
+    hot: usize,
+    loads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl HotOrgs {
+    fn new(hot: usize) -> Self {
+        HotOrgs {
+            hot,
+            loads: Default::default(),
+        }
+    }
+    fn loads(&self) -> usize {
+        self.loads.load(std::sync::atomic::Ordering::SeqCst)
+    }
+    fn org(&self, n: usize) -> Option<Org> {
+        (n < self.hot).then(|| Org {
+            id: n.to_string(),
+            slug: format!("hot-{n}"),
+            suspended: false,
+        })
+    }
+}
+
+impl cachet::org::OrgStore for HotOrgs {
+    type Context = Org;
+    type Error = std::io::Error;
+    async fn load_by_slug(&self, slug: &str) -> Result<Option<Org>, std::io::Error> {
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let n = slug.strip_prefix("hot-").and_then(|n| n.parse().ok());
+        Ok(n.and_then(|n| self.org(n)))
+    }
+    async fn load_by_id(&self, id: &str) -> Result<Option<Org>, std::io::Error> {
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(id.parse().ok().and_then(|n| self.org(n)))
+    }
+}
+
+/// Resolves `hot-0..hot` and then `bogus` unique unknown slugs through `orgs`, and checks
+/// that the hot set is still served from the cache (not one more store load).
+async fn flood_of_unknown_slugs_keeps_the_hot_set<S>(
+    orgs: &cachet::OrgResolver<HotOrgs>,
+    store: &HotOrgs,
+    hot: usize,
+    bogus: usize,
+    settle: S,
+) where
+    S: Fn(),
+{
+    use futures_util::StreamExt;
+    for round in 0..3 {
+        for n in 0..hot {
+            let slug = format!("hot-{n}");
+            assert!(
+                orgs.by_slug(&slug).await.unwrap().is_some(),
+                "{round} {slug}"
+            );
+        }
+    }
+    assert_eq!(store.loads(), hot, "each hot org loads once");
+    futures_util::stream::iter(0..bogus)
+        .for_each_concurrent(64, |n| async move {
+            let slug = format!("bogus-{n}");
+            assert!(orgs.by_slug(&slug).await.unwrap().is_none());
+        })
+        .await;
+    assert_eq!(store.loads(), hot + bogus);
+    settle();
+    let before = store.loads();
+    for n in 0..hot {
+        assert!(orgs.by_slug(&format!("hot-{n}")).await.unwrap().is_some());
+    }
+    assert_eq!(
+        store.loads() - before,
+        0,
+        "hot orgs were evicted by markers of unknown slugs"
+    );
+}
+
+/// A flood of unique bogus slugs (each cached as "not found") cannot evict the hot orgs of
+/// the in-memory backend: markers live in a bounded space of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_slugs_cannot_evict_hot_orgs_in_memory() {
+    use std::sync::Arc;
+    let hot = 400;
+    let cache = Arc::new(
+        cachet::MokaCacheService::builder()
+            .max_entries(1_000)
+            .build()
+            .unwrap(),
+    );
+    let store = HotOrgs::new(hot);
+    let orgs = cachet::OrgResolver::new(cache.clone(), store.clone());
+    flood_of_unknown_slugs_keeps_the_hot_set(&orgs, &store, hot, 100_000, || {
+        cache.run_pending_tasks()
+    })
+    .await;
+    cache.run_pending_tasks();
+    // Markers are still cached, within their own space (a tenth of the capacity by default).
+    let markers = cache.negative_entry_count();
+    assert!((1..=100).contains(&markers), "{markers} markers");
+    assert!(
+        cache.entry_count() <= 1_100,
+        "{} entries in a 1,000-entry cache with 100 markers",
+        cache.entry_count()
+    );
+}
+
+/// A flood through a tiered instance: its L1 keeps the hot orgs. On the bus, the
+/// instance's own write of each marker goes into its L1 (with tracking it would take a
+/// second read of each unknown slug).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_slugs_cannot_evict_hot_orgs_from_the_l1() {
+    use std::sync::Arc;
+    let server = support::RedisServer::start();
+    let hot = 400;
+    let tiered = Arc::new(
+        TieredCacheService::builder(RedisCacheService::builder(server.url()))
+            .invalidation(cachet::backend::tiered::InvalidationMode::Bus)
+            .l1_max_entries(1_000)
+            .build()
+            .await
+            .unwrap(),
+    );
+    assert!(
+        tiered
+            .wait_until_confirmed(std::time::Duration::from_secs(20))
+            .await
+    );
+    let store = HotOrgs::new(hot);
+    let orgs = cachet::OrgResolver::new(tiered.clone(), store.clone());
+    // 20,000: twenty times the L1 (the in-memory test above floods the same store type with
+    // 100,000; through Redis in a debug build each unknown slug costs three round trips).
+    flood_of_unknown_slugs_keeps_the_hot_set(&orgs, &store, hot, 20_000, || {}).await;
+    for n in 0..hot {
+        assert!(
+            tiered.cached_locally(&cachet::org::slug_key(&format!("hot-{n}"))),
+            "hot-{n} left the L1"
+        );
+    }
+}

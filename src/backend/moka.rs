@@ -13,12 +13,16 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache as MokaCache;
 
-use crate::load::{Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
+use crate::load::{Frame, Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
 use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{CacheError, CacheService};
 
 /// Default capacity of [`MokaCacheService::default`], in entries.
 pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
+
+/// The share of the capacity that cached "not found" markers get by default, in their own
+/// space: one tenth (see [`MokaCacheServiceBuilder::max_negative_entries`]).
+pub const DEFAULT_NEGATIVE_SHARE: u64 = 10;
 
 /// What the byte weigher adds to each entry besides its key and value (bookkeeping).
 const ENTRY_OVERHEAD_BYTES: u64 = 64;
@@ -88,6 +92,11 @@ impl Expiry<String, Entry> for EntryExpiry {
 /// default TTL. Capacity is bounded in entries (default 10 000) or in bytes; past it, moka
 /// evicts the least useful entries. Cloning gives another handle on the same cache.
 ///
+/// Cached "not found" markers (what [`get_or_load_with`](crate::CacheServiceExt::get_or_load_with)
+/// with negative caching writes for an unknown key, e.g. a bogus tenant slug) live in a
+/// space of their own, bounded apart (by default a tenth of the capacity, in the same unit),
+/// so that a flood of unique unknown keys evicts older markers, never the values.
+///
 /// ```
 /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
 ///
@@ -104,6 +113,11 @@ impl Expiry<String, Entry> for EntryExpiry {
 #[derive(Clone)]
 pub struct MokaCacheService {
     cache: MokaCache<String, Entry, ahash::RandomState>,
+    /// Cached "not found" markers, apart from the values (see the type's docs). A key is
+    /// in at most one of the two once its write is done: every write inserts into its own
+    /// space first and then removes the key from the other, so a read (values first) sees
+    /// the old or the new entry, never neither.
+    negatives: MokaCache<String, Entry, ahash::RandomState>,
     default_ttl: Duration,
     capacity: Capacity,
     /// Shared by every clone (they share the store): see [`CacheService::flight_scope`].
@@ -151,18 +165,55 @@ impl MokaCacheService {
         self.default_ttl
     }
 
-    /// How many entries the cache holds now (approximate: moka applies writes to its
-    /// bookkeeping in batches; expired entries may still be counted).
+    /// How many entries the cache holds now, "not found" markers included (approximate:
+    /// moka applies writes to its bookkeeping in batches; expired entries may still be
+    /// counted).
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count()
+        self.cache.entry_count() + self.negatives.entry_count()
+    }
+
+    /// How many of [`entry_count`](Self::entry_count) are cached "not found" markers, kept
+    /// in their own bounded space.
+    pub fn negative_entry_count(&self) -> u64 {
+        self.negatives.entry_count()
     }
 
     /// Stores `value` under `key` for `ttl` (any duration; used by the tiered cache's L1).
     pub(crate) fn insert_for(&self, key: &str, value: Bytes, ttl: Duration) {
-        self.cache.insert(key.to_owned(), Entry::value(value, ttl));
+        self.put(key, Entry::value(value, ttl));
     }
 
-    /// Removes `key` (the synchronous form of `invalidate`).
+    /// Stores `entry` in the space its value belongs to (a "not found" marker or a value),
+    /// then removes `key` from the other one.
+    fn put(&self, key: &str, entry: Entry) {
+        if entry.lease.is_none() && Frame::is_absent_marker(&entry.value) {
+            self.negatives.insert(key.to_owned(), entry);
+            self.cache.invalidate(key);
+        } else {
+            self.cache.insert(key.to_owned(), entry);
+            self.negatives.invalidate(key);
+        }
+    }
+
+    /// The entry of `key` in either space (values first).
+    fn current(&self, key: &str) -> Option<Entry> {
+        self.cache.get(key).or_else(|| self.negatives.get(key))
+    }
+
+    /// What a read of `key` sees.
+    fn read(&self, key: &str) -> Option<Bytes> {
+        match self.cache.get(key) {
+            Some(entry) => entry.readable(),
+            None => self.negatives.get(key).map(|entry| entry.value),
+        }
+    }
+
+    /// Removes `key` from both spaces.
+    fn remove(&self, key: &str) {
+        self.cache.invalidate(key);
+        self.negatives.invalidate(key);
+    }
+
     /// Whether `token` holds the lease on `key` now (call with the key's stripe held).
     fn holds(&self, key: &str, token: &LeaseToken) -> bool {
         matches!(self.cache.get(key), Some(Entry { lease: Some(mark), .. }) if mark.token == *token)
@@ -176,18 +227,21 @@ impl MokaCacheService {
         }
     }
 
+    /// Removes `key` (the synchronous form of `invalidate`).
     pub(crate) fn forget(&self, key: &str) {
-        self.cache.invalidate(key);
+        self.remove(key);
     }
 
     /// Drops every entry (moka applies it lazily; reads stop seeing them at once).
     pub fn clear(&self) {
         self.cache.invalidate_all();
+        self.negatives.invalidate_all();
     }
 
     /// Applies pending evictions and bookkeeping now (moka otherwise does it in batches).
     pub fn run_pending_tasks(&self) {
         self.cache.run_pending_tasks();
+        self.negatives.run_pending_tasks();
     }
 }
 
@@ -204,6 +258,7 @@ impl fmt::Debug for MokaCacheService {
             .field("capacity", &self.capacity)
             .field("default_ttl", &self.default_ttl)
             .field("entry_count", &self.cache.entry_count())
+            .field("negative_entry_count", &self.negatives.entry_count())
             .finish()
     }
 }
@@ -211,11 +266,11 @@ impl fmt::Debug for MokaCacheService {
 #[async_trait]
 impl CacheService for MokaCacheService {
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        Ok(self.cache.get(key).and_then(Entry::readable))
+        Ok(self.read(key))
     }
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
-        Some(Ok(self.cache.get(key).and_then(Entry::readable)))
+        Some(Ok(self.read(key)))
     }
 
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
@@ -224,7 +279,7 @@ impl CacheService for MokaCacheService {
         if request.renew && !self.holds(key, &request.token) {
             return Ok(LeaseRead::Lost);
         }
-        match self.cache.get(key) {
+        match self.current(key) {
             Some(Entry {
                 lease: Some(mark), ..
             }) if mark.token != request.token && mark.until > now => {
@@ -250,7 +305,7 @@ impl CacheService for MokaCacheService {
             token: request.token.clone(),
             until: now + entry.ttl,
         }));
-        self.cache.insert(key.to_owned(), entry);
+        self.put(key, entry);
         let (service, owned_key, token) = (self.clone(), key.to_owned(), request.token.clone());
         Ok(LeaseRead::Granted(Lease::new(
             request.token.clone(),
@@ -272,7 +327,7 @@ impl CacheService for MokaCacheService {
         if !self.holds(key, lease.token()) {
             return Ok(false);
         }
-        self.cache.insert(key.to_owned(), Entry::value(value, ttl));
+        self.put(key, Entry::value(value, ttl));
         Ok(true)
     }
 
@@ -293,13 +348,13 @@ impl CacheService for MokaCacheService {
     ) -> Result<(), CacheError> {
         let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
         let _write = self.stripes.lock(key);
-        self.cache.insert(key.to_owned(), Entry::value(value, ttl));
+        self.put(key, Entry::value(value, ttl));
         Ok(())
     }
 
     async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
         let _write = self.stripes.lock(key);
-        self.cache.invalidate(key);
+        self.remove(key);
         Ok(())
     }
 
@@ -312,7 +367,8 @@ impl CacheService for MokaCacheService {
         // microsecond per cached entry, so it yields to the async runtime every few
         // thousand steps instead of holding a worker thread for the whole cache.
         let mut matching: Vec<Arc<String>> = Vec::new();
-        for (scanned, (key, _)) in self.cache.iter().enumerate() {
+        let every_key = self.cache.iter().chain(self.negatives.iter());
+        for (scanned, (key, _)) in every_key.enumerate() {
             if key.starts_with(prefix) {
                 matching.push(key);
             }
@@ -326,7 +382,11 @@ impl CacheService for MokaCacheService {
             // counts as one, as in Redis where the lease is a key of its own.
             let counted = {
                 let _write = self.stripes.lock(key);
-                self.cache.contains_key(key.as_str()) && self.cache.remove(key.as_str()).is_some()
+                let value = self.cache.contains_key(key.as_str())
+                    && self.cache.remove(key.as_str()).is_some();
+                let marker = self.negatives.contains_key(key.as_str())
+                    && self.negatives.remove(key.as_str()).is_some();
+                value || marker
             };
             removed += u64::from(counted);
             if step % REMOVALS_PER_YIELD == REMOVALS_PER_YIELD - 1 {
@@ -362,6 +422,25 @@ impl Future for YieldNow {
     }
 }
 
+/// One moka cache bounded by `capacity`, each entry living for its own TTL.
+fn space(capacity: Capacity) -> MokaCache<String, Entry, ahash::RandomState> {
+    let builder = MokaCache::builder().expire_after(EntryExpiry);
+    // aHash with per-process random keys: several times faster than std's SipHash on
+    // short keys (every get, set and prefix scan hashes), and still resistant to
+    // crafted-collision floods from tenant-chosen keys.
+    let hasher = ahash::RandomState::new();
+    match capacity {
+        Capacity::Entries(n) => builder.max_capacity(n).build_with_hasher(hasher),
+        Capacity::Bytes(n) => builder
+            .max_capacity(n)
+            .weigher(|key: &String, entry: &Entry| {
+                let weight = key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD_BYTES;
+                u32::try_from(weight).unwrap_or(u32::MAX)
+            })
+            .build_with_hasher(hasher),
+    }
+}
+
 /// Builds a [`MokaCacheService`]: capacity in entries or in bytes, default TTL.
 ///
 /// ```
@@ -375,6 +454,7 @@ impl Future for YieldNow {
 #[derive(Debug, Clone)]
 pub struct MokaCacheServiceBuilder {
     capacity: Capacity,
+    negative_entries: Option<u64>,
     default_ttl_secs: u64,
 }
 
@@ -382,6 +462,7 @@ impl Default for MokaCacheServiceBuilder {
     fn default() -> Self {
         MokaCacheServiceBuilder {
             capacity: Capacity::Entries(DEFAULT_MAX_ENTRIES),
+            negative_entries: None,
             default_ttl_secs: DEFAULT_TTL_SECS,
         }
     }
@@ -402,6 +483,32 @@ impl MokaCacheServiceBuilder {
         self
     }
 
+    /// Bounds the space of cached "not found" markers to `n` entries, apart from the
+    /// values' capacity. By default it gets a tenth of the capacity
+    /// ([`DEFAULT_NEGATIVE_SHARE`]) in the capacity's unit: 1,000 markers for 10,000
+    /// entries, 6.4 MB for 64 MB. A flood of unique unknown keys evicts older markers only.
+    ///
+    /// ```
+    /// use cachet::{CacheService, MokaCacheService};
+    /// use cachet::load::Frame;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::builder().max_entries(100).max_negative_entries(10).build()?;
+    /// cache.set_bytes("org:acme", "{}".into(), None).await?;
+    /// for n in 0..1_000 {
+    ///     // What a negatively cached lookup of an unknown slug stores.
+    ///     cache.set_bytes(&format!("org:bogus-{n}"), Frame::absent(u64::MAX).encode(), None).await?;
+    /// }
+    /// cache.run_pending_tasks();
+    /// assert!(cache.negative_entry_count() <= 10);
+    /// assert!(cache.get_bytes("org:acme").await?.is_some());
+    /// # Ok(()) }
+    /// ```
+    pub fn max_negative_entries(mut self, n: u64) -> Self {
+        self.negative_entries = Some(n);
+        self
+    }
+
     /// The TTL for a `set` that passes `None` (default 300 s; `1..=MAX_TTL_SECS`).
     pub fn default_ttl_secs(mut self, secs: u64) -> Self {
         self.default_ttl_secs = secs;
@@ -416,23 +523,14 @@ impl MokaCacheServiceBuilder {
     }
 
     fn build_unchecked(self) -> MokaCacheService {
-        let builder = MokaCache::builder().expire_after(EntryExpiry);
-        // aHash with per-process random keys: several times faster than std's SipHash on
-        // short keys (every get, set and prefix scan hashes), and still resistant to
-        // crafted-collision floods from tenant-chosen keys.
-        let hasher = ahash::RandomState::new();
-        let cache = match self.capacity {
-            Capacity::Entries(n) => builder.max_capacity(n).build_with_hasher(hasher),
-            Capacity::Bytes(n) => builder
-                .max_capacity(n)
-                .weigher(|key: &String, entry: &Entry| {
-                    let weight = key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD_BYTES;
-                    u32::try_from(weight).unwrap_or(u32::MAX)
-                })
-                .build_with_hasher(hasher),
+        let negative_capacity = match (self.negative_entries, self.capacity) {
+            (Some(n), _) => Capacity::Entries(n),
+            (None, Capacity::Entries(n)) => Capacity::Entries((n / DEFAULT_NEGATIVE_SHARE).max(1)),
+            (None, Capacity::Bytes(n)) => Capacity::Bytes((n / DEFAULT_NEGATIVE_SHARE).max(1)),
         };
         MokaCacheService {
-            cache,
+            cache: space(self.capacity),
+            negatives: space(negative_capacity),
             default_ttl: Duration::from_secs(self.default_ttl_secs),
             capacity: self.capacity,
             scope: crate::service::new_flight_scope(),

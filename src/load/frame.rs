@@ -88,6 +88,24 @@ impl Frame {
         stored.first() == Some(&0)
     }
 
+    /// Whether `stored` is a well-formed cached "not found" (a marker of an unknown key):
+    /// the in-memory backend and the tiered L1 keep those in a bounded space of their own,
+    /// so that a flood of unknown keys cannot evict the values.
+    ///
+    /// ```
+    /// use cachet::load::Frame;
+    ///
+    /// assert!(Frame::is_absent_marker(&Frame::absent(9_000).encode()));
+    /// assert!(!Frame::is_absent_marker(&Frame::value("1".into(), 9_000, 9_000).encode()));
+    /// assert!(!Frame::is_absent_marker(b"null"));
+    /// ```
+    pub fn is_absent_marker(stored: &[u8]) -> bool {
+        stored.len() == HEADER_LEN
+            && stored.starts_with(MAGIC)
+            && stored[3] == VERSION
+            && stored[4] == FLAG_ABSENT
+    }
+
     /// Whether the value is fresh at `now_ms`.
     pub fn is_fresh(&self, now_ms: u64) -> bool {
         now_ms < self.fresh_until_ms

@@ -77,6 +77,14 @@ impl TieredCacheServiceBuilder {
         self
     }
 
+    /// Bounds the L1's space of cached "not found" markers (unknown keys, e.g. bogus tenant
+    /// slugs) to `n` entries, apart from the values; by default a tenth of the L1 capacity.
+    /// See [`MokaCacheServiceBuilder::max_negative_entries`](crate::MokaCacheServiceBuilder::max_negative_entries).
+    pub fn l1_max_negative_entries(mut self, n: u64) -> Self {
+        self.l1 = self.l1.max_negative_entries(n);
+        self
+    }
+
     /// The bus channel prefix (default `"cachet:invalidate:"`; the channel is `<prefix>v1`, or
     /// `<prefix>v1:<namespace>` when the Redis service has a namespace).
     /// Instances that must see each other's invalidations over the bus use the same one.
