@@ -2,7 +2,7 @@
 //! read back through the decorator, both `get_bytes` and the `get_bytes_now` fast path):
 //! never a panic, always `CacheError::Serialization` naming the key, and the stored bytes stay
 //! as they were. Each input is also tried behind a valid header of both envelope versions (1:
-//! AES-256-GCM; 2: XChaCha20-Poly1305 with an authenticated expiry) for a current, a previous
+//! AES-256-GCM; 2: AES-256-GCM-SIV with an authenticated expiry) for a current, a previous
 //! and an unknown key id, so that the paths past the magic and version checks (key lookup, tag
 //! check) get fuzzed on every run. Finally the input is split into a key name and a value: the
 //! value round-trips under that name in both versions and does not decrypt under another; a

@@ -1,7 +1,7 @@
 //! Decorators: services that wrap any [`CacheService`](crate::CacheService) and are services
 //! themselves, so they stack and go behind `Arc<dyn CacheService>` like a backend.
 //!
-//! - [`EncryptedCacheService`]: XChaCha20-Poly1305 around every value, the key name bound as
+//! - [`EncryptedCacheService`]: AES-256-GCM-SIV around every value, the key name bound as
 //!   associated data, key ids for rotation ([`EncryptionKeys`]).
 //! - [`NamespacedCacheService`]: every key under `namespace:`, and prefix invalidation that
 //!   stays inside the namespace.
