@@ -13,7 +13,7 @@
 //!   entries or bytes.
 //! - [`Cache`]: the enum over the backends.
 //! - [`EncryptedCacheService`] and [`NamespacedCacheService`]: decorators around any service
-//!   (XChaCha20-Poly1305 values with authenticated expiry and key rotation; a tenant namespace), see [`decorate`].
+//!   (AES-256-GCM-SIV values with authenticated expiry and key rotation; a tenant namespace), see [`decorate`].
 //!
 //! ```
 //! use std::sync::Arc;
@@ -38,7 +38,8 @@
 //! # Ok(()) }
 //! ```
 #![warn(missing_docs)]
-// The one module with `unsafe` code opts in below.
+// The one module with `unsafe` code (`future_slot`, behind the `future-slots` feature) opts in
+// below.
 #![deny(unsafe_code)]
 
 pub mod backend;
@@ -49,6 +50,7 @@ pub mod conformance;
 pub mod decorate;
 pub mod envelope;
 mod error;
+#[cfg(feature = "future-slots")]
 #[allow(unsafe_code)] // type-erased futures in reused heap slots; see the module docs
 mod future_slot;
 pub mod invalidation;
@@ -64,7 +66,7 @@ pub mod token;
 
 pub use backend::{
     Cache, MokaCacheService, MokaCacheServiceBuilder, RedisCacheService, RedisCacheServiceBuilder,
-    TieredCacheService, TieredCacheServiceBuilder,
+    TieredCacheService, TieredCacheServiceBuilder, redact_url,
 };
 pub use config::{CacheSettings, build_cache_service};
 pub use decorate::{

@@ -10,6 +10,7 @@ use enum_dispatch::enum_dispatch;
 
 pub use moka::{MokaCacheService, MokaCacheServiceBuilder};
 pub use redis::{RedisCacheService, RedisCacheServiceBuilder};
+pub use redis_config::redact_url;
 pub use tiered::{TieredCacheService, TieredCacheServiceBuilder};
 
 /// Every backend in one type: calls dispatch through a `match`, not a vtable.

@@ -16,7 +16,8 @@ use fred::types::scan::Scanner;
 use futures_util::stream::StreamExt;
 
 use super::redis_config::{describe_server, redact_url, tls_with_roots};
-use crate::future_slot;
+#[cfg(feature = "future-slots")]
+use crate::future_slot::boxed as box_future;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::service::{BoxFuture, DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{BoxError, CacheError, CacheService};
@@ -253,6 +254,17 @@ impl RedisCacheService {
     }
 }
 
+/// Boxes the future `make` returns: plain `Box::pin` without the `future-slots` feature
+/// (with it, `future_slot::boxed`, which keeps it in a reused per-thread slot).
+#[cfg(not(feature = "future-slots"))]
+#[inline(always)]
+fn box_future<'a, F>(make: impl FnOnce() -> F) -> BoxFuture<'a, F::Output>
+where
+    F: std::future::Future + Send + 'a,
+{
+    Box::pin(make())
+}
+
 impl fmt::Debug for RedisCacheService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisCacheService")
@@ -284,7 +296,7 @@ impl CacheService for RedisCacheService {
         'k: 'f,
         Self: 'f,
     {
-        future_slot::boxed(move || async move {
+        box_future(move || async move {
             let full = self.full_key(key);
             match self.client().get::<Option<Bytes>, _>(full.as_ref()).await {
                 Ok(value) => Ok(value),
@@ -306,7 +318,7 @@ impl CacheService for RedisCacheService {
         'k: 'f,
         Self: 'f,
     {
-        future_slot::boxed(move || async move {
+        box_future(move || async move {
             let ttl = resolve_ttl(key, ttl_secs, self.inner.default_ttl)?;
             // At most 100 years of milliseconds: far inside i64.
             let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
@@ -330,7 +342,7 @@ impl CacheService for RedisCacheService {
         'k: 'f,
         Self: 'f,
     {
-        future_slot::boxed(move || async move {
+        box_future(move || async move {
             let full = self.full_key(key);
             self.client()
                 .unlink::<u64, _>(full.as_ref())

@@ -7,8 +7,22 @@ use fred::prelude::{Config, ServerConfig};
 
 use crate::{BoxError, CacheError};
 
-/// `url` with any password replaced by `***`, for messages.
-pub(super) fn redact_url(url: &str) -> String {
+/// `url` with any password replaced by `***`, for messages and logs: whatever precedes the
+/// last `@` (credentials, or a typo around them) and the value of every query parameter
+/// whose name contains `pass`. Every message and `Debug` output of cachet goes through it;
+/// apps that log their Redis URL can too.
+///
+/// ```
+/// use cachet::redact_url;
+///
+/// assert_eq!(redact_url("redis://user:hunter2@cache:6379/0"), "redis://***@cache:6379/0");
+/// assert_eq!(redact_url("redis:/:hunter2@cache"), "***@cache"); // a typo: all of it goes
+/// assert_eq!(
+///     redact_url("redis-sentinel://s:26379/mymaster?sentinelPassword=hunter2"),
+///     "redis-sentinel://s:26379/mymaster?sentinelPassword=***"
+/// );
+/// ```
+pub fn redact_url(url: &str) -> String {
     // Whatever precedes the last `@` is credentials (or a typo around them): all of it goes,
     // but a well-formed scheme stays, for a readable message.
     let rest = match url.rfind('@') {

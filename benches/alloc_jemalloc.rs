@@ -1,0 +1,18 @@
+//! The Redis `GET` path through `Arc<dyn CacheService>` with jemalloc (crate
+//! `tikv-jemallocator`) as the global allocator; see `benches/common/alloc_bench.rs` and
+//! `scripts/bench-allocators`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+mod common;
+
+#[path = "common/alloc_bench.rs"]
+mod alloc_bench;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn main() {
+    alloc_bench::main("jemalloc");
+}

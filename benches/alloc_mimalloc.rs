@@ -1,0 +1,17 @@
+//! The Redis `GET` path through `Arc<dyn CacheService>` with mimalloc (crate `mimalloc`) as the
+//! global allocator; see `benches/common/alloc_bench.rs` and `scripts/bench-allocators`.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+mod common;
+
+#[path = "common/alloc_bench.rs"]
+mod alloc_bench;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() {
+    alloc_bench::main("mimalloc");
+}
