@@ -29,6 +29,8 @@ use tokio::task::JoinHandle;
 const REQUEST_BOUND: Duration = Duration::from_secs(30);
 /// Bounds the delivery of an invalidation to another instance.
 const DELIVERY: Duration = Duration::from_secs(10);
+/// The deployments' token digest key.
+const DIGEST_KEY: [u8; 32] = [7u8; 32];
 
 /// One running instance: its state (for its counters) and its HTTP server task.
 struct Instance {
@@ -75,6 +77,22 @@ impl Instance {
         http(self.addr, "GET", path, None).await
     }
 
+    /// `GET /me` with this `authorization` header (none for `None`).
+    async fn me(&self, authorization: Option<&str>) -> Reply {
+        let headers: Vec<(&str, &str)> = authorization
+            .map(|value| ("authorization", value))
+            .into_iter()
+            .collect();
+        http_with_headers(self.addr, "GET", "/me", &headers, None).await
+    }
+
+    /// API keys this instance validated against the store.
+    fn token_validations(&self) -> u64 {
+        self.state
+            .token_validations
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     async fn put_org(&self, slug: &str, id: &str, name: &str, secret: &str) -> Reply {
         let body = serde_json::json!({
             "id": id, "name": name, "plan": "pro", "api_secret": secret,
@@ -109,6 +127,7 @@ impl Deployment {
             // Each deployment has its own Redis; a channel of its own all the same.
             channel_prefix: Some(format!("org-service-{}:", redis.port())),
             encryption_key: Some(cachet::EncryptionKey::from([9u8; 32])),
+            token_digest_key: Some(DIGEST_KEY.to_vec()),
         };
         let a = Instance::start(&settings).await;
         let b = Instance::start(&settings).await;
@@ -138,15 +157,48 @@ impl Reply {
         assert_eq!(self.status, 200, "{}\n{}", self.head, self.body);
         serde_json::from_str(&self.body).unwrap()
     }
+
+    fn claims(&self) -> app::TokenClaims {
+        assert_eq!(self.status, 200, "{}\n{}", self.head, self.body);
+        serde_json::from_str(&self.body).unwrap()
+    }
+
+    /// A 401, with the one body every rejected key gets.
+    fn assert_unauthorized(&self, what: &str) {
+        assert_eq!(self.status, 401, "{what}: {}\n{}", self.head, self.body);
+        assert_eq!(self.body, "invalid or missing API key\n", "{what}");
+        assert!(
+            self.head
+                .to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
+            "{what}: {}",
+            self.head
+        );
+    }
 }
 
 /// One HTTP/1.1 exchange on a fresh connection.
 async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Reply {
+    http_with_headers(addr, method, path, &[], body).await
+}
+
+/// One HTTP/1.1 exchange on a fresh connection, with extra request headers.
+async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Reply {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await?;
         let body = body.unwrap_or("");
+        let extra: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\r\n"))
+            .collect();
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\
+            "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n{extra}\
              content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
@@ -352,6 +404,8 @@ async fn without_redis_one_instance_runs_on_the_in_memory_cache() {
         store_delay: Duration::ZERO,
         channel_prefix: None,
         encryption_key: None,
+        // Drawn at random: only this instance reads its in-memory cache.
+        token_digest_key: None,
     })
     .await;
     let stats = instance.stats().await;
@@ -370,9 +424,294 @@ async fn without_redis_one_instance_runs_on_the_in_memory_cache() {
     assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme 2");
     assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme 2");
     assert_eq!(instance.stats().await.store_loads, 3);
+    // API keys work on the random digest key too.
+    let claims = instance.me(Some("Bearer acme.s")).await.claims();
+    assert_eq!((claims.id.as_str(), claims.slug.as_str()), ("1", "acme"));
+    instance
+        .me(Some("Bearer acme.t"))
+        .await
+        .assert_unauthorized("wrong secret, in memory");
     // A slug that cannot name a file is refused, not written.
     assert_eq!(
         instance.put_org("..%2Fescape", "1", "x", "s").await.status,
         400
     );
+}
+
+/// Every key of the deployment's Redis.
+fn redis_keys(redis: &RedisServer) -> Vec<String> {
+    let keys = redis.request(&["KEYS", "*"]).unwrap();
+    keys.items().iter().map(|k| k.to_text()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_is_validated_once_and_cached_under_its_hmac_on_both_instances() {
+    let deployment = Deployment::start(Duration::ZERO).await;
+    let (a, b) = (&deployment.a, &deployment.b);
+    assert_eq!(
+        a.put_org("acme", "1", "Acme", "acme-s3cr3t").await.status,
+        200
+    );
+    let token = "acme.acme-s3cr3t";
+    let bearer = format!("Bearer {token}");
+
+    // A validates it against the store, B finds it in Redis; then each serves it from its
+    // L1: one validation in all.
+    for instance in [a, b, a, b, a, b] {
+        let claims = instance.me(Some(&bearer)).await.claims();
+        assert_eq!(
+            claims,
+            app::TokenClaims {
+                id: "1".into(),
+                slug: "acme".into()
+            }
+        );
+    }
+    assert_eq!((a.token_validations(), b.token_validations()), (1, 0));
+    assert_eq!(a.stats().await.token_validations, 1);
+    assert_eq!(b.stats().await.token_validations, 0);
+    // The org's file is the truth for API keys, not the org cache: no org load either.
+    assert_eq!(a.store_loads() + b.store_loads(), 0);
+    // The scheme is case-insensitive, and so is the slug (one entry for both spellings).
+    let claims = b.me(Some("bearer ACME.acme-s3cr3t")).await.claims();
+    assert_eq!(claims.slug, "acme");
+    assert_eq!((a.token_validations(), b.token_validations()), (1, 0));
+
+    // Redis holds the key's entry under HMAC-SHA256(digest key, token): not under its plain
+    // SHA-256 (which anyone could compute for a guessed key), and the token is in no key.
+    let names = redis_keys(&deployment.redis);
+    let keyed = cachet::token::keyed_token_key(&DIGEST_KEY, token).unwrap();
+    assert!(names.contains(&keyed), "{keyed} not in {names:?}");
+    assert!(
+        !names.contains(&cachet::token::token_key(token)),
+        "the plain SHA-256 key in {names:?}"
+    );
+    assert!(
+        names.iter().all(|name| !name.contains("acme-s3cr3t")),
+        "{names:?}"
+    );
+    assert_eq!(
+        names
+            .iter()
+            .filter(|name| name.starts_with("token:"))
+            .count(),
+        1,
+        "{names:?}"
+    );
+    // And no value holds the secret (values are encrypted; the claims hold no secret anyway).
+    for name in &names {
+        if let support::Resp::Bulk(Some(value)) = deployment.redis.request(&["GET", name]).unwrap()
+        {
+            assert!(
+                !value.windows(11).any(|w| w == b"acme-s3cr3t"),
+                "the org secret in plaintext under {name}"
+            );
+        }
+    }
+    // Debug output never shows the digest key.
+    let debug = format!("{:?}", a.state);
+    assert!(debug.contains("HMAC-SHA256 (keyed)"), "{debug}");
+    assert!(!debug.contains("7, 7"), "{debug}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_api_key_is_401_with_one_body_and_a_malformed_one_never_reaches_the_store() {
+    let deployment = Deployment::start(Duration::ZERO).await;
+    let (a, b) = (&deployment.a, &deployment.b);
+    assert_eq!(a.put_org("acme", "1", "Acme", "right").await.status, 200);
+
+    for instance in [a, b] {
+        // Well formed, so checked against the store: the same 401 for both (no oracle).
+        let before = instance.token_validations();
+        instance
+            .me(Some("Bearer acme.wrong"))
+            .await
+            .assert_unauthorized("wrong secret");
+        instance
+            .me(Some("Bearer acme.righ"))
+            .await
+            .assert_unauthorized("a prefix of the secret");
+        instance
+            .me(Some("Bearer acme.right-and-more"))
+            .await
+            .assert_unauthorized("the secret and more");
+        instance
+            .me(Some("Bearer nobody.right"))
+            .await
+            .assert_unauthorized("unknown org");
+        assert_eq!(instance.token_validations(), before + 4);
+
+        // Malformed: refused before the store (and the cache) is touched.
+        let before = instance.token_validations();
+        instance.me(None).await.assert_unauthorized("no header");
+        for (what, header) in [
+            ("no scheme", "acme.right"),
+            ("another scheme", "Basic acme.right"),
+            ("no scheme separator", "Beareracme.right"),
+            ("no '.'", "Bearer acmeright"),
+            ("a path-like slug", "Bearer ../x.y"),
+            ("an encoded path", "Bearer ..%2Fx.y"),
+            ("a slash in the slug", "Bearer a/b.right"),
+            ("an empty slug", "Bearer .right"),
+            ("an empty secret", "Bearer acme."),
+            ("an empty token", "Bearer "),
+            (
+                "a slug too long",
+                &format!("Bearer {}.right", "a".repeat(200)),
+            ),
+        ] {
+            instance.me(Some(header)).await.assert_unauthorized(what);
+        }
+        // A header value that is not visible ASCII (obs-text) is a 401 too, not a panic.
+        let reply = http_with_headers(
+            instance.addr,
+            "GET",
+            "/me",
+            &[("authorization", "Bearer acm\u{e9}.right")],
+            None,
+        )
+        .await;
+        reply.assert_unauthorized("a non-ASCII header");
+        assert_eq!(
+            instance.token_validations(),
+            before,
+            "malformed keys reached the store"
+        );
+        assert_eq!(
+            instance.me(Some("Bearer acme.right")).await.claims().id,
+            "1"
+        );
+    }
+    // Nothing was cached for a rejected key: the one entry is the valid key's.
+    let tokens: Vec<String> = redis_keys(&deployment.redis)
+        .into_iter()
+        .filter(|name| name.starts_with("token:"))
+        .collect();
+    assert_eq!(
+        tokens,
+        [cachet::token::keyed_token_key(&DIGEST_KEY, "acme.right").unwrap()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_secret_revokes_the_old_key_on_both_instances_at_once() {
+    let deployment = Deployment::start(Duration::ZERO).await;
+    let (a, b) = (&deployment.a, &deployment.b);
+    assert_eq!(
+        a.put_org("acme", "1", "Acme", "old-secret").await.status,
+        200
+    );
+    let (old, new) = ("Bearer acme.old-secret", "Bearer acme.new-secret");
+
+    // Both instances hold the old key in their L1 (A validated it, B read A's entry).
+    for instance in [a, b, a, b] {
+        assert_eq!(instance.me(Some(old)).await.claims().slug, "acme");
+    }
+    assert_eq!((a.token_validations(), b.token_validations()), (1, 0));
+
+    // An update that keeps the secret keeps the key's entry.
+    assert_eq!(
+        a.put_org("acme", "1", "Acme 2", "old-secret").await.status,
+        200
+    );
+    for instance in [a, b] {
+        assert_eq!(instance.me(Some(old)).await.claims().id, "1");
+    }
+    assert_eq!((a.token_validations(), b.token_validations()), (1, 0));
+
+    // A new secret: A drops the old key's entry, and B hears of it.
+    let before = b.tiered().invalidations_applied();
+    assert_eq!(
+        a.put_org("acme", "1", "Acme 3", "new-secret").await.status,
+        200
+    );
+    // Over the bus B hears every key A invalidated: org:acme, org:id:1, org:acme, then the
+    // token's. With client tracking the server tells B only about the keys B read and still
+    // tracks: the token's (B never read the org's keys).
+    let expected = match b.tiered().invalidation_mode() {
+        InvalidationMode::Bus => 4,
+        _ => 1,
+    };
+    assert!(
+        b.tiered()
+            .wait_for_invalidations(before + expected, DELIVERY)
+            .await,
+        "B heard A's invalidation"
+    );
+    for instance in [b, a, b, a] {
+        instance
+            .me(Some(old))
+            .await
+            .assert_unauthorized("the old key after the update");
+        let claims = instance.me(Some(new)).await.claims();
+        assert_eq!((claims.id.as_str(), claims.slug.as_str()), ("1", "acme"));
+    }
+    let names = redis_keys(&deployment.redis);
+    assert!(
+        !names.contains(&cachet::token::keyed_token_key(&DIGEST_KEY, "acme.old-secret").unwrap()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&cachet::token::keyed_token_key(&DIGEST_KEY, "acme.new-secret").unwrap()),
+        "{names:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_missing_or_short_digest_key_stops_the_start() {
+    let redis = RedisServer::start();
+    let store = tempfile::tempdir().unwrap();
+    let mut settings = app::Settings {
+        redis_url: Some(redis.url()),
+        store_dir: store.path().to_owned(),
+        store_delay: Duration::ZERO,
+        channel_prefix: Some(format!("org-service-{}:", redis.port())),
+        encryption_key: Some(cachet::EncryptionKey::from([9u8; 32])),
+        token_digest_key: None,
+    };
+    let error = app::build_state(&settings).await.unwrap_err().to_string();
+    assert!(error.contains("TOKEN_DIGEST_KEY"), "{error}");
+    assert!(error.contains("openssl rand -base64 32"), "{error}");
+
+    settings.token_digest_key = Some(vec![7u8; 8]);
+    let error = app::build_state(&settings).await.unwrap_err().to_string();
+    assert!(error.contains("TOKEN_DIGEST_KEY"), "{error}");
+    assert!(error.contains("at least 16"), "{error}");
+
+    settings.token_digest_key = Some(DIGEST_KEY.to_vec());
+    let debug = format!("{settings:?}");
+    assert!(
+        debug.contains("token_digest_key: Some(\"<redacted>\")"),
+        "{debug}"
+    );
+    assert!(!debug.contains("7, 7"), "{debug}");
+    assert!(app::build_state(&settings).await.is_ok());
+}
+
+#[test]
+fn a_digest_key_is_64_hex_digits_or_base64_of_16_bytes_or_more() {
+    let hex = "07".repeat(32);
+    assert_eq!(app::parse_token_digest_key(&hex).unwrap(), DIGEST_KEY);
+    let base64 = "BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc=";
+    assert_eq!(app::parse_token_digest_key(base64).unwrap(), DIGEST_KEY);
+    assert_eq!(
+        app::parse_token_digest_key(" BwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwcHBwc\n").unwrap(),
+        DIGEST_KEY
+    );
+    // 16 bytes is the least.
+    assert_eq!(
+        app::parse_token_digest_key("AAAAAAAAAAAAAAAAAAAAAA==").unwrap(),
+        [0u8; 16]
+    );
+    for bad in [
+        "c2VjcmV0",        // base64 of 6 bytes
+        "not a key!",      // neither hex nor base64
+        "",                // nothing
+        &"z".repeat(64),   // 64 characters, not hex (a typo): not read as base64
+        &"0".repeat(63),   // hex, a digit short: not read as base64
+        &"A".repeat(1000), // too long
+    ] {
+        let error = app::parse_token_digest_key(bad).unwrap_err();
+        assert!(bad.is_empty() || !error.contains(bad), "{error}");
+    }
 }

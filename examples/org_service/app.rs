@@ -7,23 +7,33 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Path as UrlPath, State};
 use axum::handler::Handler;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD_PAD_INDIFFERENT, URL_SAFE_PAD_INDIFFERENT};
 use cachet::middleware::{OrgLayer, OrgSource, ResolvedOrg};
 use cachet::org::{OrgIdentity, OrgStore};
+use cachet::token::{MIN_DIGEST_KEY_LEN, ValidToken};
 use cachet::{
     CacheError, CacheService, EncryptedCacheService, EncryptionKey, EncryptionKeys,
-    MokaCacheService, OrgResolver, RedisCacheService, TieredCacheService,
+    MokaCacheService, OrgResolver, RedisCacheService, TieredCacheService, TokenCache,
 };
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// The longest a validated API key stays cached, in seconds: a key revoked behind the
+/// service's back (an org file edited by hand) works at most this long.
+pub const TOKEN_TTL_SECS: u64 = 60;
 
 /// What the service needs to start.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Settings {
     /// Redis (through a tiered cache: an in-memory L1 per instance, invalidated over
     /// pub/sub) when set, the in-memory cache alone otherwise.
@@ -35,10 +45,82 @@ pub struct Settings {
     /// The invalidation channel prefix (`None`: the library's default). Instances that must
     /// hear each other use the same one.
     pub channel_prefix: Option<String>,
-    /// The key that encrypts what goes to Redis (XChaCha20-Poly1305, see
+    /// The key that encrypts what goes to Redis (AES-256-GCM-SIV, see
     /// `cachet::EncryptedCacheService`); required with Redis, since org contexts hold
     /// secrets. Every instance uses the same one.
     pub encryption_key: Option<EncryptionKey>,
+    /// The HMAC-SHA256 key under which API keys are cached (`token:<hex HMAC(key, api
+    /// key)>`, see `cachet::TokenCache::with_digest_key`), so that a copy of the cache's
+    /// keys does not let anyone test guessed API keys offline. At least 16 bytes (32 random
+    /// bytes recommended). Required with Redis, and the same on every instance (a different
+    /// key only misses the others' entries); without Redis, `None` draws a random key at
+    /// startup (only this process reads its in-memory cache).
+    pub token_digest_key: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field(
+                "redis_url",
+                &self.redis_url.as_deref().map(cachet::redact_url),
+            )
+            .field("store_dir", &self.store_dir)
+            .field("store_delay", &self.store_delay)
+            .field("channel_prefix", &self.channel_prefix)
+            .field("encryption_key", &self.encryption_key)
+            .field(
+                "token_digest_key",
+                &self.token_digest_key.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+/// Parses a token digest key: 64 hex digits (32 bytes), or base64 (standard or URL-safe,
+/// padding optional) of at least [`MIN_DIGEST_KEY_LEN`] bytes. Hex with a typo (64
+/// characters not all hex digits, or hex digits but not 64) is refused rather than read as
+/// base64, which would silently give this instance a key of its own. The error never
+/// repeats the text (it may be a real key with a typo).
+pub fn parse_token_digest_key(text: &str) -> Result<Vec<u8>, String> {
+    /// Longer than any sensible key (the base64 of 192 bytes).
+    const MAX_TEXT_LEN: usize = 256;
+    let text = text.trim();
+    let all_hex = !text.is_empty() && text.bytes().all(|b| b.is_ascii_hexdigit());
+    match (text.len(), all_hex) {
+        (64, true) => return hex::decode(text).map_err(|e| format!("is not valid hex: {e}")),
+        (64, false) => {
+            return Err(
+                "is 64 characters but not all hex digits (a typo?); use 64 hex digits \
+                        or the base64 of 32 bytes (`openssl rand -base64 32`)"
+                    .to_owned(),
+            );
+        }
+        (n, true) => return Err(format!("is {n} hex digits; a hex key is 64")),
+        _ => {}
+    }
+    let malformed = || {
+        format!(
+            "({} characters) is neither 64 hex digits nor the base64 of at least \
+             {MIN_DIGEST_KEY_LEN} bytes; make one with `openssl rand -base64 32`",
+            text.chars().count()
+        )
+    };
+    if text.len() > MAX_TEXT_LEN {
+        return Err(malformed());
+    }
+    let key = STANDARD_PAD_INDIFFERENT
+        .decode(text)
+        .or_else(|_| URL_SAFE_PAD_INDIFFERENT.decode(text))
+        .map_err(|_| malformed())?;
+    if key.len() < MIN_DIGEST_KEY_LEN {
+        return Err(format!(
+            "decodes as base64 to {} bytes; at least {MIN_DIGEST_KEY_LEN} are needed (32 \
+             recommended: `openssl rand -base64 32`)",
+            key.len()
+        ));
+    }
+    Ok(key)
 }
 
 /// What the service caches per org. It holds a secret: what goes to a shared Redis is to
@@ -93,6 +175,14 @@ pub struct OrgInput {
     pub api_secret: String,
 }
 
+/// What `GET /me` returns for a valid API key, and what the token cache holds for it (no
+/// secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenClaims {
+    pub id: String,
+    pub slug: String,
+}
+
 /// What `GET /stats` returns.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Stats {
@@ -102,6 +192,8 @@ pub struct Stats {
     pub store_loads: u64,
     /// Other instances' invalidations applied to this instance's L1 (tiered only).
     pub invalidations_applied: Option<u64>,
+    /// API keys validated against the org store by this instance (cache misses of `GET /me`).
+    pub token_validations: u64,
 }
 
 /// Why the org store failed.
@@ -288,13 +380,23 @@ pub async fn build_cache(
 pub struct AppState {
     pub resolver: Arc<OrgResolver<FileOrgStore>>,
     pub tiered: Option<TieredCacheService>,
+    /// Validated API keys, on the resolver's cache, keyed by HMAC under the digest key.
+    pub tokens: TokenCache<TokenClaims>,
+    /// API keys validated against the store so far (`FileOrgStore::current` counts no load).
+    pub token_validations: Arc<AtomicU64>,
 }
 
 impl fmt::Debug for AppState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // `TokenCache`'s Debug says whether it is keyed, never the key.
         f.debug_struct("AppState")
             .field("resolver", &self.resolver)
             .field("tiered", &self.tiered)
+            .field("tokens", &self.tokens)
+            .field(
+                "token_validations",
+                &self.token_validations.load(Ordering::SeqCst),
+            )
             .finish()
     }
 }
@@ -306,10 +408,39 @@ pub enum StartError {
     Store { dir: PathBuf, source: io::Error },
     #[error(transparent)]
     Cache(#[from] CacheError),
+    #[error("TOKEN_DIGEST_KEY: {0}")]
+    TokenDigestKey(String),
 }
 
-/// Opens the store and builds the cache and the resolver.
+/// The digest key from the settings, or (no Redis, none set) a random one.
+fn token_digest_key(settings: &Settings) -> Result<Zeroizing<Vec<u8>>, StartError> {
+    match &settings.token_digest_key {
+        Some(key) if key.len() < MIN_DIGEST_KEY_LEN => Err(StartError::TokenDigestKey(format!(
+            "the key is {} bytes; at least {MIN_DIGEST_KEY_LEN} are needed (make one with \
+             `openssl rand -base64 32`)",
+            key.len()
+        ))),
+        Some(key) => Ok(Zeroizing::new(key.clone())),
+        None if settings.redis_url.is_some() => Err(StartError::TokenDigestKey(format!(
+            "required with REDIS_URL: 64 hex digits or the base64 of at least \
+             {MIN_DIGEST_KEY_LEN} bytes (e.g. `export TOKEN_DIGEST_KEY=\"$(openssl rand -base64 \
+             32)\"`), the same on every instance"
+        ))),
+        None => {
+            // Only this process reads its in-memory cache: a key of its own will do.
+            let mut key = Zeroizing::new(vec![0u8; 32]);
+            getrandom::fill(&mut key[..]).map_err(|e| {
+                StartError::TokenDigestKey(format!("cannot draw a random key: {e}"))
+            })?;
+            Ok(key)
+        }
+    }
+}
+
+/// Opens the store and builds the cache, the resolver and the token cache.
 pub async fn build_state(settings: &Settings) -> Result<AppState, StartError> {
+    // Checked first: a missing key is a configuration error, not worth a connection.
+    let digest_key = token_digest_key(settings)?;
     let store =
         FileOrgStore::open(&settings.store_dir, settings.store_delay).map_err(|source| {
             StartError::Store {
@@ -318,6 +449,11 @@ pub async fn build_state(settings: &Settings) -> Result<AppState, StartError> {
             }
         })?;
     let (cache, tiered) = build_cache(settings).await?;
+    let tokens = TokenCache::new(Arc::clone(&cache))
+        .with_digest_key(&digest_key)
+        .map_err(|e| StartError::TokenDigestKey(e.to_string()))?
+        .max_ttl_secs(TOKEN_TTL_SECS)
+        .load_timeout(Duration::from_secs(2));
     let resolver = OrgResolver::new(cache, store)
         .ttl_secs(300)
         .negative_ttl_secs(Some(30))
@@ -327,15 +463,18 @@ pub async fn build_state(settings: &Settings) -> Result<AppState, StartError> {
     Ok(AppState {
         resolver: Arc::new(resolver),
         tiered,
+        tokens,
+        token_validations: Arc::new(AtomicU64::new(0)),
     })
 }
 
 /// The routes: `GET /orgs/{slug}` (through the org middleware), `PUT /orgs/{slug}`,
-/// `GET /stats`.
+/// `GET /me` (by API key), `GET /stats`.
 pub fn app(state: AppState) -> Router {
     let org_layer = OrgLayer::new(Arc::clone(&state.resolver), OrgSource::path_segment(1));
     Router::new()
         .route("/orgs/{slug}", get(get_org.layer(org_layer)).put(put_org))
+        .route("/me", get(me))
         .route("/stats", get(stats))
         .with_state(state)
 }
@@ -352,8 +491,97 @@ async fn get_org(Extension(org): Extension<ResolvedOrg<OrgContext>>) -> Json<Org
 
 type Failure = (StatusCode, &'static str);
 
-/// Writes the org to the store, then invalidates its two cache keys (on every instance,
-/// through the tiered cache).
+/// The one answer to every rejected API key: missing, malformed, unknown org, wrong secret.
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Bearer")],
+        "invalid or missing API key\n",
+    )
+        .into_response()
+}
+
+/// The API key of `authorization: Bearer <slug>.<api_secret>`, canonical (its slug
+/// lowercased, so that `Acme.x` and `acme.x` are one cache entry and one invalidation):
+/// `(key, slug, secret)`. `None` for anything else, before the store or the cache is touched.
+fn api_key(headers: &HeaderMap) -> Option<(String, String, String)> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, credentials) = value.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    // A slug has no '.', so the first one ends it; the secret may hold more.
+    let (slug, secret) = credentials.trim().split_once('.')?;
+    let slug = cachet::org::canonical_slug(slug).ok()?;
+    if secret.is_empty() {
+        return None;
+    }
+    Some((format!("{slug}.{secret}"), slug, secret.to_owned()))
+}
+
+/// Whether two byte strings are equal, in time that depends on neither their contents nor
+/// their lengths: both are hashed first (so the comparison is of 32 bytes, always), then
+/// compared without an early exit.
+fn secrets_match(presented: &[u8], stored: &[u8]) -> bool {
+    let (a, b) = (Sha256::digest(presented), Sha256::digest(stored));
+    let difference = a
+        .iter()
+        .zip(b.iter())
+        .fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(difference) == 0
+}
+
+/// Checks `<slug>.<secret>` against the store: the truth, not the org cache, so a secret
+/// changed behind the service's back counts. `Ok(None)` for an unknown org or a wrong secret.
+async fn validate_api_key(
+    store: &FileOrgStore,
+    slug: &str,
+    secret: &str,
+) -> Result<Option<ValidToken<TokenClaims>>, StoreError> {
+    let Some(org) = store.current(slug).await? else {
+        return Ok(None);
+    };
+    if !secrets_match(secret.as_bytes(), org.api_secret.as_bytes()) {
+        return Ok(None);
+    }
+    Ok(Some(ValidToken {
+        claims: TokenClaims {
+            id: org.id,
+            slug: org.slug,
+        },
+        // API keys do not expire; the token cache's TTL bounds the entry.
+        expires_at: SystemTime::now() + Duration::from_secs(3600),
+    }))
+}
+
+/// The org of the API key, checked against the store on a token-cache miss (cached for at
+/// most [`TOKEN_TTL_SECS`]): 200 with its claims, 401 for any bad key, 503 when the store
+/// fails.
+async fn me(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some((key, slug, secret)) = api_key(&headers) else {
+        return unauthorized();
+    };
+    let validate = async {
+        state.token_validations.fetch_add(1, Ordering::SeqCst);
+        validate_api_key(state.resolver.store(), &slug, &secret).await
+    };
+    match state.tokens.get_or_validate(&key, validate).await {
+        Ok(Some(claims)) => Json(claims).into_response(),
+        Ok(None) => unauthorized(),
+        Err(e) => {
+            // The error names the cache key (a digest), never the API key.
+            eprintln!("org_service: validating an API key of org {slug}: {e}");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "org service temporarily unavailable\n",
+            )
+                .into_response()
+        }
+    }
+}
+
+/// Writes the org to the store, then invalidates its two cache keys and, when its secret
+/// (or id) changed, its previous API key (on every instance, through the tiered cache).
 async fn put_org(
     State(state): State<AppState>,
     UrlPath(slug): UrlPath<String>,
@@ -363,8 +591,9 @@ async fn put_org(
         return Err((StatusCode::BAD_REQUEST, "invalid slug or id\n"));
     }
     let store = state.resolver.store();
-    // The previous id, whose cache key must go too if the id changes.
-    let previous = store.current(&slug).await.ok().flatten().map(|org| org.id);
+    // The previous org: its id's cache key must go too if the id changes, its API key if the
+    // secret (or the id, which the key's claims hold) changes.
+    let previous = store.current(&slug).await.ok().flatten();
     let org = OrgContext {
         id: input.id,
         slug,
@@ -377,8 +606,15 @@ async fn put_org(
         return Err((StatusCode::INTERNAL_SERVER_ERROR, "cannot save the org\n"));
     }
     let mut invalidated = state.resolver.invalidate_org(&org.slug, &org.id).await;
-    if let Some(previous) = previous.filter(|previous| *previous != org.id) {
-        invalidated = invalidated.and(state.resolver.invalidate_org(&org.slug, &previous).await);
+    if let Some(previous) = previous.as_ref().filter(|previous| previous.id != org.id) {
+        invalidated = invalidated.and(state.resolver.invalidate_org(&org.slug, &previous.id).await);
+    }
+    if let Some(previous) =
+        previous.filter(|previous| previous.id != org.id || previous.api_secret != org.api_secret)
+    {
+        // The old key stops working at once, on every instance.
+        let old_key = format!("{}.{}", org.slug, previous.api_secret);
+        invalidated = invalidated.and(state.tokens.invalidate(&old_key).await);
     }
     if let Err(e) = invalidated {
         // Saved, but other instances may serve the old org until its TTL runs out.
@@ -410,5 +646,6 @@ async fn stats(State(state): State<AppState>) -> Json<Stats> {
             .tiered
             .as_ref()
             .map(TieredCacheService::invalidations_applied),
+        token_validations: state.token_validations.load(Ordering::SeqCst),
     })
 }

@@ -1,10 +1,12 @@
 //! A small multi-tenant web service on cachet and axum: org contexts resolved by the org
 //! middleware, cached in memory or in Redis behind a per-instance L1, invalidated on every
-//! instance when an org changes.
+//! instance when an org changes; API keys (`<slug>.<api_secret>`) validated against the store
+//! and cached under an HMAC of the key.
 //!
 //! ```text
 //! cargo run --example org_service --features axum                  # in-memory cache
 //! export CACHE_ENCRYPTION_KEY="$(openssl rand -base64 32)"
+//! export TOKEN_DIGEST_KEY="$(openssl rand -base64 32)"
 //! REDIS_URL=redis://127.0.0.1:6379 cargo run --example org_service --features axum
 //! ```
 //!
@@ -13,7 +15,12 @@
 //!   pub/sub); unset: the in-memory `MokaCacheService`.
 //! - `CACHE_ENCRYPTION_KEY` (required with `REDIS_URL`; the same on every instance): 64 hex
 //!   digits or the base64 of 32 bytes (`openssl rand -base64 32`). Org contexts hold
-//!   secrets, so what goes to Redis is encrypted (`EncryptedCacheService`, XChaCha20-Poly1305).
+//!   secrets, so what goes to Redis is encrypted (`EncryptedCacheService`, AES-256-GCM-SIV).
+//! - `TOKEN_DIGEST_KEY` (required with `REDIS_URL`; the same on every instance): 64 hex digits
+//!   or the base64 of at least 16 bytes (`openssl rand -base64 32`). Validated API keys are
+//!   cached under `token:<hex HMAC-SHA256(this key, API key)>`, so a copy of Redis's keys does
+//!   not let anyone test guessed API keys offline. Unset without Redis: a random key drawn at
+//!   startup (only this process reads its in-memory cache).
 //! - `ORG_STORE_DIR`: the org store, one `<slug>.json` per org (default `./org-store`,
 //!   created if missing).
 //! - `STORE_DELAY_MS`: an artificial delay on every store load (default 0).
@@ -25,12 +32,20 @@
 //! - `GET /orgs/{slug}`: the org (without its secret), through the org middleware: 404 for an
 //!   unknown org, 503 when the store fails with nothing cached, `x-org-stale: true` when the
 //!   last known org is served because the store fails.
-//! - `GET /stats`: store loads by this instance, and (tiered) invalidations applied.
+//!   When the org's `api_secret` (or id) changes, its previous API key stops working at once,
+//!   on every instance.
+//! - `GET /me` with `authorization: Bearer <slug>.<api_secret>`: the key's org as
+//!   `{"id": ..., "slug": ...}`; 401 (one body for every case) for a missing or malformed
+//!   header, an unknown org or a wrong secret; 503 when the store fails. The key is checked
+//!   against the store (in constant time) on a cache miss only, and cached for at most 60 s.
+//! - `GET /stats`: store loads by this instance, (tiered) invalidations applied, and API keys
+//!   validated against the store.
 //!
 //! ```text
 //! curl -X PUT localhost:3000/orgs/acme -H 'content-type: application/json' \
 //!      -d '{"id":"1","name":"Acme","plan":"pro","api_secret":"s3cr3t"}'
 //! curl localhost:3000/orgs/acme
+//! curl localhost:3000/me -H 'authorization: Bearer acme.s3cr3t'   # {"id":"1","slug":"acme"}
 //! curl localhost:3000/stats
 //! ```
 
@@ -74,6 +89,10 @@ fn settings_from_env() -> Result<app::Settings, String> {
             .map(|text| cachet::EncryptionKey::parse(&text))
             .transpose()
             .map_err(|e| format!("CACHE_ENCRYPTION_KEY: {e}"))?,
+        token_digest_key: var("TOKEN_DIGEST_KEY")
+            .map(|text| app::parse_token_digest_key(&text))
+            .transpose()
+            .map_err(|e| format!("TOKEN_DIGEST_KEY {e}"))?,
     })
 }
 
@@ -95,6 +114,14 @@ async fn run() -> Result<(), Box<dyn Error>> {
         },
         settings.store_dir.display(),
         settings.store_delay,
+    );
+    println!(
+        "API keys cached under an HMAC-SHA256 digest (key: {})",
+        if settings.token_digest_key.is_some() {
+            "TOKEN_DIGEST_KEY"
+        } else {
+            "random, this process only"
+        }
     );
     axum::serve(listener, app::app(state))
         .with_graceful_shutdown(async {
