@@ -160,7 +160,9 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// The default is the service's address, so two services never share loads. The
     /// backends override it so that every clone of one backend (they share their store)
     /// answers the same scope; wrappers (`Arc`, `Box`, `&`, [`Cache`]) forward it. A
-    /// decorator that changes keys (a namespace) must keep the default.
+    /// decorator that changes keys needs a scope of its own per mapping
+    /// ([`NamespacedCacheService`](crate::NamespacedCacheService) mixes its namespace into
+    /// the inner scope); one that keeps them forwards the inner scope.
     ///
     /// ```
     /// use std::sync::Arc;
@@ -439,6 +441,9 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// service's future as it is, so an `Arc<dyn CacheService>` costs no second allocation.
 macro_rules! forward_cache_service {
     ($($wrapper:ty),+) => {$(
+        // A method the trait gains must be forwarded here too (a defaulted one left out
+        // would silently answer for the wrapper instead of the inner service).
+        #[deny(clippy::missing_trait_methods)]
         impl<S: CacheService + ?Sized> CacheService for $wrapper {
             fn get_bytes<'s, 'k, 'f>(
                 &'s self,

@@ -801,3 +801,37 @@ async fn a_foreign_key_type_is_a_miss_and_is_left_alone() {
     );
     assert_eq!(standalone().cli(&["LLEN", &key]).trim(), "2", "left alone");
 }
+
+/// Clones of one namespace over one store share a single flight (their keys are the same
+/// stored keys); two namespaces over that store never do (namespace `a`'s `k` is another key
+/// than `b`'s `k`): each gets its own loader's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_share_single_flight_only_within_one_namespace() {
+    use cachet::NamespacedCacheService;
+    let store = cachet::MokaCacheService::default();
+    let a1 = NamespacedCacheService::new(store.clone(), "a").unwrap();
+    let a2 = a1.clone();
+    let b = NamespacedCacheService::new(store.clone(), "b").unwrap();
+    assert_eq!(a1.flight_scope(), a2.flight_scope());
+    assert_ne!(a1.flight_scope(), b.flight_scope());
+    assert_ne!(a1.flight_scope(), store.flight_scope());
+    let loads = AtomicUsize::new(0);
+    let slow = |value: &'static str| {
+        let loads = &loads;
+        move || async move {
+            loads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Ok::<_, std::io::Error>(value.to_owned())
+        }
+    };
+    let (x, y, z) = tokio::join!(
+        a1.get_or_load::<String, _, _, _>("k", None, slow("a")),
+        a2.get_or_load::<String, _, _, _>("k", None, slow("a")),
+        b.get_or_load::<String, _, _, _>("k", None, slow("b")),
+    );
+    assert_eq!(
+        (x.unwrap(), y.unwrap(), z.unwrap()),
+        ("a".to_owned(), "a".to_owned(), "b".to_owned())
+    );
+    assert_eq!(loads.load(Ordering::SeqCst), 2, "one load per namespace");
+}

@@ -1,11 +1,8 @@
 //! The in-process backend, on `moka` 0.12 (`sync` cache).
 
 use std::fmt;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -373,7 +370,7 @@ impl CacheService for MokaCacheService {
                 matching.push(key);
             }
             if scanned % SCAN_STEPS_PER_YIELD == SCAN_STEPS_PER_YIELD - 1 {
-                YieldNow::default().await;
+                tokio::task::yield_now().await;
             }
         }
         let mut removed = 0u64;
@@ -390,7 +387,7 @@ impl CacheService for MokaCacheService {
             };
             removed += u64::from(counted);
             if step % REMOVALS_PER_YIELD == REMOVALS_PER_YIELD - 1 {
-                YieldNow::default().await;
+                tokio::task::yield_now().await;
             }
         }
         Ok(removed)
@@ -401,26 +398,6 @@ impl CacheService for MokaCacheService {
 const SCAN_STEPS_PER_YIELD: usize = 4_096;
 /// Entries `invalidate_prefix` removes between two yields to the runtime (about 1 ms).
 const REMOVALS_PER_YIELD: usize = 1_024;
-
-/// A future that is pending once (waking itself at once), so that a long loop lets other
-/// tasks of the same worker run; it works on any executor.
-#[derive(Default)]
-struct YieldNow {
-    yielded: bool,
-}
-
-impl Future for YieldNow {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.yielded {
-            return Poll::Ready(());
-        }
-        self.yielded = true;
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
 
 /// One moka cache bounded by `capacity`, each entry living for its own TTL.
 fn space(capacity: Capacity) -> MokaCache<String, Entry, ahash::RandomState> {

@@ -172,6 +172,8 @@ impl<S: fmt::Debug> fmt::Debug for NamespacedCacheService<S> {
 }
 
 #[async_trait]
+// Every method, defaulted ones included, is written out: a new one must be too.
+#[deny(clippy::missing_trait_methods)]
 impl<S: CacheService> CacheService for NamespacedCacheService<S> {
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
         self.inner.get_bytes(&self.stored_key(key)).await
@@ -194,6 +196,19 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
 
     async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
         self.inner.invalidate(&self.stored_key(key)).await
+    }
+
+    /// The inner store's scope mixed with the namespace: every clone of this namespace over
+    /// one store shares loads (its keys are the same stored keys), another namespace never
+    /// does (its `k` is another stored key). The top bit is set, as for the backends' own
+    /// scopes, so it is never an address.
+    fn flight_scope(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        // `DefaultHasher::new()` has fixed keys: the same scope for the same input.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        self.inner.flight_scope().hash(&mut hasher);
+        self.prefix.hash(&mut hasher);
+        hasher.finish() | (1 << 63)
     }
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {

@@ -230,6 +230,8 @@ impl fmt::Debug for TieredCacheService {
 }
 
 #[async_trait]
+// Every method, defaulted ones included, is written out: a new one must be too.
+#[deny(clippy::missing_trait_methods)]
 impl CacheService for TieredCacheService {
     fn flight_scope(&self) -> u64 {
         // Every clone shares `inner` (and so the store).
