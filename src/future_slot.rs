@@ -1,13 +1,33 @@
-//! Reused heap slots for the Redis backend's boxed futures.
+//! Reused heap slots for the Redis backend's boxed futures (the `future-slots` feature, off by
+//! default).
 //!
 //! Through `Arc<dyn CacheService>` every call returns a boxed future, and a Redis call's
-//! future holds a fred command future of about 6.8 KB. With glibc's allocator, a fresh
-//! allocation of that size on every call (beyond the small-size caches, so it is coalesced and
-//! split each time) cost about 20% of the client's CPU per `GET` with 64 concurrent tasks:
-//! raw fred plus one 7 KB allocation held across the call measured the same as cachet did
-//! (`benches/redis_ratios.rs`). So these futures live in 8 KB slots that go back to a small
-//! per-thread free list when the future is dropped, and the box the caller receives is a
-//! 32-byte handle.
+//! future holds a fred command future of about 6.8 KB. Without this feature it is boxed with
+//! `Box::pin`: one fresh ~7 KB allocation per call. With it, these futures live in 8 KB slots
+//! that go back to a small per-thread free list when the future is dropped, and the box the
+//! caller receives is a 32-byte handle.
+//!
+//! What it saves depends on the global allocator. `scripts/bench-allocators` measures a typed
+//! `GET` through `Arc<dyn CacheService>` against a local redis-server, under glibc's malloc,
+//! mimalloc and jemalloc, with and without the slots (client instructions and callgrind's
+//! estimated cycles, which also charge cache misses; two runs, ratio slots on / off):
+//!
+//! | allocator | instructions, 64 tasks | 1 task    | est. cycles, 64 tasks | 1 task    |
+//! |-----------|------------------------|-----------|-----------------------|-----------|
+//! | glibc     | 0.912                  | 0.97-0.99 | 0.87-0.88             | 0.95-0.97 |
+//! | mimalloc  | 0.957-0.958            | 0.97      | 0.89                  | 0.94      |
+//! | jemalloc  | 0.957-0.967            | 0.96-0.97 | 0.92-0.94             | 0.94      |
+//!
+//! Wall-clock and CPU time on the shared 2-core machine moved by 10-30% from run to run and
+//! showed no margin beyond that noise under mimalloc or jemalloc. Under mimalloc or jemalloc
+//! the slots save under 5% of the instructions; and either allocator without the slots takes
+//! 12-14% fewer instructions per `GET` than glibc without them, 3-6% fewer than glibc with
+//! them (in estimated cycles, about the same as glibc with them). Hence the feature is off by
+//! default, and the advice: with glibc's malloc, enable `future-slots` or make mimalloc or
+//! jemalloc the application's global allocator (which speeds up the rest of the call too);
+//! with mimalloc or jemalloc, leave it off. (The first measurement, before the feature, was
+//! with glibc: about 20% of the client's CPU per `GET` with 64 tasks went to that
+//! allocation, `benches/redis_ratios.rs` with `ALLOC_PROBE=1`.)
 //!
 //! At most [`POOL_CAP`] free slots are kept per thread (256 KB); beyond that a slot is freed.
 //! A future larger than a slot, or aligned beyond it, is boxed the ordinary way (`Box::pin`).
