@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use crate::service::DEFAULT_TTL_SECS;
-use crate::{CacheError, CacheService, MokaCacheService, RedisCacheService, TieredCacheService};
+use crate::{CacheError, CacheService, MokaCacheService};
+#[cfg(feature = "redis")]
+use crate::{RedisCacheService, TieredCacheService};
 
 /// Builds the cache an app injects: Redis at `redis_url` when one is given (default TTL
 /// 300 s, connect timeout 5 s, command timeout 2 s), the in-memory backend otherwise.
@@ -101,6 +103,12 @@ impl CacheSettings {
     /// Builds the backend these settings choose.
     pub async fn build(&self) -> Result<Arc<dyn CacheService>, CacheError> {
         match (&self.redis_url, self.l1_ttl_secs) {
+            #[cfg(not(feature = "redis"))]
+            (Some(_), _) => Err(CacheError::config(
+                "REDIS_URL is set, but cachet was built without its `redis` feature",
+                None,
+            )),
+            #[cfg(feature = "redis")]
             (Some(url), Some(l1_secs)) => {
                 let redis = RedisCacheService::builder(url).default_ttl_secs(self.default_ttl_secs);
                 Ok(Arc::new(
@@ -110,6 +118,7 @@ impl CacheSettings {
                         .await?,
                 ))
             }
+            #[cfg(feature = "redis")]
             (Some(url), None) => Ok(Arc::new(
                 RedisCacheService::new(url, self.default_ttl_secs).await?,
             )),

@@ -15,6 +15,22 @@
 //! - [`EncryptedCacheService`] and [`NamespacedCacheService`]: decorators around any service
 //!   (AES-256-GCM-SIV values with authenticated expiry and key rotation; a tenant namespace), see [`decorate`].
 //!
+//! ## Features
+//!
+//! The default build is the whole product; `default-features = false` is the lean
+//! in-memory core, and each feature adds one layer:
+//!
+//! | feature | adds | pulls in |
+//! | --- | --- | --- |
+//! | (core, always) | the contract ([`CacheService`], [`CacheServiceExt`]), [`codec`], errors, [`MokaCacheService`], cache-aside ([`load`]), [`NamespacedCacheService`], in-process locks | moka, serde_json, tokio |
+//! | `redis` (default) | [`RedisCacheService`] (standalone, Cluster, Sentinel, TLS), [`TieredCacheService`], [`RedisConcurrencyService`] | fred, rustls |
+//! | `encryption` (default) | [`EncryptedCacheService`] | aes-gcm-siv, aes-gcm |
+//! | `tenancy` (default) | [`OrgResolver`], [`TokenCache`] | sha2, hmac |
+//! | `axum` | `middleware`: the org layer for axum (implies `tenancy`) | axum, tower |
+//! | `mock` | `MockCacheService` for apps' unit tests | mockall |
+//! | `conformance` | `conformance`: the behaviour suite for backends and decorators | |
+//! | `future-slots` | reused slots for the Redis backend's boxed futures (implies `redis`) | |
+//!
 //! ```
 //! use std::sync::Arc;
 //! use cachet::{CacheService, CacheServiceExt, MokaCacheService};
@@ -41,52 +57,75 @@
 // The one module with `unsafe` code (`future_slot`, behind the `future-slots` feature) opts in
 // below.
 #![deny(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
+// Layers, bottom up: the contract (`service`, `codec`, `error`) depends on nothing above it;
+// `ext` and `load` are built on it; backends and decorators implement it. `service` comes
+// before `backend` so that `enum_dispatch` writes the `Cache` enum's impl next to the enum
+// (it expands where the second of its two attributes is seen), not inside the contract.
 pub mod backend;
 pub mod codec;
 mod config;
 #[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod decorate;
-pub mod envelope;
 mod error;
+mod ext;
 #[cfg(feature = "future-slots")]
 #[allow(unsafe_code)] // type-erased futures in reused heap slots; see the module docs
 mod future_slot;
-pub mod invalidation;
 pub mod load;
 pub mod lock;
-#[cfg(feature = "axum")]
-pub mod middleware;
 #[cfg(feature = "mock")]
 mod mock;
-pub mod org;
 pub mod service;
-pub mod token;
+#[cfg(feature = "tenancy")]
+pub mod tenancy;
 
+// The paths of the first release, kept: `cachet::org`, `cachet::token`, `cachet::middleware`,
+// `cachet::envelope`, `cachet::invalidation`.
+#[cfg(feature = "redis")]
+pub use backend::tiered::{envelope, invalidation};
+#[cfg(feature = "axum")]
+pub use tenancy::axum as middleware;
+#[cfg(feature = "tenancy")]
+pub use tenancy::{org, token};
+
+pub use backend::{Cache, MokaCacheService, MokaCacheServiceBuilder};
+#[cfg(feature = "redis")]
 pub use backend::{
-    Cache, MokaCacheService, MokaCacheServiceBuilder, RedisCacheService, RedisCacheServiceBuilder,
-    TieredCacheService, TieredCacheServiceBuilder, redact_url,
+    RedisCacheService, RedisCacheServiceBuilder, TieredCacheService, TieredCacheServiceBuilder,
+    redact_url,
 };
 pub use config::{CacheSettings, build_cache_service};
-pub use decorate::{
-    EncryptedCacheService, EncryptedEnvelope, EncryptionKey, EncryptionKeys, NamespacedCacheService,
-};
+pub use decorate::NamespacedCacheService;
+#[cfg(feature = "encryption")]
+pub use decorate::{EncryptedCacheService, EncryptedEnvelope, EncryptionKey, EncryptionKeys};
 pub use error::{BoxError, CacheError, KeyName, LockError, WithLockError};
+pub use ext::CacheServiceExt;
 pub use load::{LoadError, LoadOptions, LoadSource, Loaded};
+#[cfg(feature = "redis")]
+pub use lock::RedisConcurrencyService;
 pub use lock::{
     Concurrency, ConcurrencyService, ConcurrencyServiceExt, LocalConcurrencyService, LockGuard,
-    LockOptions, RedisConcurrencyService, build_concurrency_service,
+    LockOptions, build_concurrency_service,
 };
 #[cfg(feature = "axum")]
 pub use middleware::{OrgLayer, OrgRejection, OrgService, OrgSource, ResolvedOrg};
 #[cfg(feature = "mock")]
 pub use mock::MockCacheService;
+#[cfg(feature = "tenancy")]
 pub use org::{OrgIdentity, OrgResolver, OrgStore, Resolved};
-pub use service::{CacheService, CacheServiceExt, DEFAULT_TTL_SECS, MAX_TTL_SECS};
+pub use service::{CacheService, DEFAULT_TTL_SECS, MAX_TTL_SECS};
+#[cfg(feature = "tenancy")]
 pub use token::{TokenCache, ValidToken};
 
-/// The README's examples, compiled and run as doc tests.
-#[cfg(doctest)]
+/// The README's examples, compiled and run as doc tests (they use every default layer).
+#[cfg(all(
+    doctest,
+    feature = "redis",
+    feature = "encryption",
+    feature = "tenancy"
+))]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;

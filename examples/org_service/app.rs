@@ -429,9 +429,7 @@ fn token_digest_key(settings: &Settings) -> Result<Zeroizing<Vec<u8>>, StartErro
         None => {
             // Only this process reads its in-memory cache: a key of its own will do.
             let mut key = Zeroizing::new(vec![0u8; 32]);
-            getrandom::fill(&mut key[..]).map_err(|e| {
-                StartError::TokenDigestKey(format!("cannot draw a random key: {e}"))
-            })?;
+            rand::fill(&mut key[..]);
             Ok(key)
         }
     }

@@ -1,17 +1,26 @@
 //! The backends, and [`Cache`], the enum over them that the builders return.
 
 pub mod moka;
+#[cfg(feature = "redis")]
 pub mod redis;
-mod redis_config;
-pub mod redis_lease;
+#[cfg(feature = "redis")]
 pub mod tiered;
 
 use enum_dispatch::enum_dispatch;
 
 pub use moka::{MokaCacheService, MokaCacheServiceBuilder};
-pub use redis::{RedisCacheService, RedisCacheServiceBuilder};
-pub use redis_config::redact_url;
+#[cfg(feature = "redis")]
+pub use redis::{RedisCacheService, RedisCacheServiceBuilder, redact_url};
+#[cfg(feature = "redis")]
 pub use tiered::{TieredCacheService, TieredCacheServiceBuilder};
+// `enum_dispatch` writes `impl CacheService for Cache` here, after the trait (declared first
+// in lib.rs) was seen: the generated code names these types.
+#[allow(unused_imports)]
+use crate::CacheError;
+#[allow(unused_imports)]
+use crate::service::{CacheService, Lease, LeaseRead, LeaseRequest};
+#[allow(unused_imports)]
+use bytes::Bytes;
 
 /// Every backend in one type: calls dispatch through a `match`, not a vtable.
 ///
@@ -36,7 +45,9 @@ pub enum Cache {
     /// The in-process backend.
     Moka(MokaCacheService),
     /// Redis or Valkey: standalone, Cluster or Sentinel.
+    #[cfg(feature = "redis")]
     Redis(RedisCacheService),
     /// An in-memory L1 per instance in front of Redis, invalidated over pub/sub.
+    #[cfg(feature = "redis")]
     Tiered(TieredCacheService),
 }

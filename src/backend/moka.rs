@@ -176,6 +176,7 @@ impl MokaCacheService {
     }
 
     /// Stores `value` under `key` for `ttl` (any duration; used by the tiered cache's L1).
+    #[cfg(feature = "redis")]
     pub(crate) fn insert_for(&self, key: &str, value: Bytes, ttl: Duration) {
         self.put(key, Entry::value(value, ttl));
     }
@@ -224,7 +225,8 @@ impl MokaCacheService {
         }
     }
 
-    /// Removes `key` (the synchronous form of `invalidate`).
+    /// Removes `key` (the synchronous form of `invalidate`; used by the tiered cache's L1).
+    #[cfg(feature = "redis")]
     pub(crate) fn forget(&self, key: &str) {
         self.remove(key);
     }

@@ -22,8 +22,6 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, RandomState};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -132,9 +130,7 @@ macro_rules! conformance_tests {
 
 /// A key prefix no other test uses: `cachet-test:<name>:<random hex>:`.
 pub fn unique_prefix(name: &str) -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let random = RandomState::new().hash_one((n, std::process::id(), std::time::SystemTime::now()));
+    let random: u64 = rand::random();
     format!("cachet-test:{name}:{random:016x}:")
 }
 

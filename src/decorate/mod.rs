@@ -27,8 +27,10 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "encryption")]
 pub mod encrypted;
 pub mod namespaced;
 
+#[cfg(feature = "encryption")]
 pub use encrypted::{EncryptedCacheService, EncryptedEnvelope, EncryptionKey, EncryptionKeys};
 pub use namespaced::NamespacedCacheService;

@@ -25,10 +25,9 @@
 //!   while callers that joined it read again). The same lease is the single flight across
 //!   instances: a miss that finds another instance's live lease waits for its value.
 
+pub(crate) mod aside;
 mod flight;
-pub mod frame;
 mod leader;
-pub mod lease;
 
 use std::fmt;
 use std::future::Future;
@@ -40,11 +39,14 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use self::flight::{Outcome, Role};
-pub use self::frame::{Frame, decode_stored, now_ms};
-pub use self::lease::{
-    DEFAULT_LEASE_TTL, LEASE_RENEW_EVERY, Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion,
-};
+// The stored frame lives with the codec and the lease types with the contract; these are
+// their first-release paths (`cachet::load::Frame`, `cachet::load::lease::…`).
+pub use crate::codec::frame::{self, Frame, decode_stored, now_ms};
 use crate::lock::ConcurrencyService;
+pub use crate::service::lease::{
+    self, DEFAULT_LEASE_TTL, LEASE_RENEW_EVERY, Lease, LeaseRead, LeaseRequest, LeaseToken,
+    StoredVersion,
+};
 use crate::service::resolve_ttl;
 use crate::{CacheError, CacheService, KeyName, codec};
 
@@ -241,7 +243,8 @@ pub struct Loaded<T> {
     /// bytes that did not decode (overwritten by the load), or a failed write.
     pub cache_error: Option<CacheError>,
     /// What this call wrote to the cache (stored bytes, TTL in seconds), for callers that
-    /// store the same value under a second key.
+    /// store the same value under a second key (the org resolver).
+    #[cfg_attr(not(feature = "tenancy"), allow(dead_code))]
     pub(crate) written: Option<(Bytes, Option<u64>)>,
 }
 
@@ -320,6 +323,7 @@ impl<E> From<CacheError> for LoadError<E> {
 
 /// How long a freshly loaded value is cached (crate-internal: the token cache derives it
 /// from each token's expiry).
+#[cfg_attr(not(feature = "tenancy"), allow(dead_code))]
 pub(crate) enum LoadTtl {
     /// The options' TTL.
     Options,

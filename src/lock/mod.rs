@@ -1,5 +1,5 @@
 //! Locks that hold within one process ([`LocalConcurrencyService`]) or across every process
-//! that shares a Redis ([`RedisConcurrencyService`]).
+//! that shares a Redis (`RedisConcurrencyService`, feature `redis`).
 //!
 //! The same rule as the cache: the object-safe [`ConcurrencyService`] has one method,
 //! `acquire`, returning a [`LockGuard`]; the generic [`ConcurrencyServiceExt::with_lock`]
@@ -7,8 +7,10 @@
 //! and every acquisition carries a fencing token that strictly increases per key, so a store
 //! can refuse a write from a holder whose lease has run out.
 
+#[cfg(feature = "redis")]
 mod keeper;
 pub mod local;
+#[cfg(feature = "redis")]
 pub mod redis;
 
 use std::fmt;
@@ -22,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::{KeyName, LockError, WithLockError};
 pub use local::LocalConcurrencyService;
+#[cfg(feature = "redis")]
 pub use redis::RedisConcurrencyService;
 
 /// How to take a lock: lease, bounded wait, backoff between tries.
@@ -150,29 +153,15 @@ impl LockOptions {
     }
 
     /// The delay before try number `attempt` (0-based), with jitter in [50%, 100%].
+    #[cfg(feature = "redis")]
     fn delay(&self, attempt: u32) -> Duration {
         let base = self
             .min_backoff
             .saturating_mul(1u32 << attempt.min(16))
             .min(self.max_backoff);
-        let jitter = random_unit();
+        let jitter: f64 = rand::random(); // in [0, 1)
         base.mul_f64(0.5 + 0.5 * jitter)
     }
-}
-
-/// 64 random bits, different on each call (from std's randomly keyed SipHash over a counter
-/// and the time; not for cryptography).
-fn random_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    RandomState::new().hash_one((n, std::time::Instant::now()))
-}
-
-/// A number in [0, 1), different on each call.
-fn random_unit() -> f64 {
-    (random_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// What a backend does to let go of a lock it handed out.
@@ -399,10 +388,12 @@ pub enum Concurrency {
     /// In-process locks.
     Local(LocalConcurrencyService),
     /// Locks on Redis, across processes.
+    #[cfg(feature = "redis")]
     Redis(RedisConcurrencyService),
 }
 
-/// Locks on Redis at `redis_url` when one is given, in-process locks otherwise.
+/// Locks on Redis at `redis_url` when one is given, in-process locks otherwise. Without the
+/// `redis` feature a URL is a configuration error.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::LockError> {
@@ -414,7 +405,15 @@ pub async fn build_concurrency_service(
     redis_url: Option<&str>,
 ) -> Result<Arc<dyn ConcurrencyService>, LockError> {
     Ok(match redis_url {
+        #[cfg(feature = "redis")]
         Some(url) => Arc::new(RedisConcurrencyService::new(url).await?),
+        #[cfg(not(feature = "redis"))]
+        Some(_) => {
+            return Err(LockError::from(crate::CacheError::config(
+                "a Redis URL was given, but cachet was built without its `redis` feature",
+                None,
+            )));
+        }
         None => Arc::new(LocalConcurrencyService::default()),
     })
 }

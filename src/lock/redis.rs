@@ -263,7 +263,7 @@ fn fnv1a(text: &str) -> u64 {
 
 /// A token no other holder has: 128 random bits, in hex (never a `:`).
 fn random_token() -> String {
-    let (a, b) = (super::random_u64(), super::random_u64());
+    let (a, b): (u64, u64) = rand::random();
     format!("{a:016x}{b:016x}{:08x}", std::process::id())
 }
 

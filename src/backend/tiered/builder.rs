@@ -177,6 +177,5 @@ impl TieredCacheServiceBuilder {
 
 /// A random id for this instance.
 fn instance_id() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one((std::process::id(), std::time::Instant::now()))
+    rand::random()
 }

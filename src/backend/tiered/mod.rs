@@ -6,6 +6,8 @@
 mod builder;
 mod bus;
 mod coherence;
+pub mod envelope;
+pub mod invalidation;
 mod shared;
 mod tracking;
 
@@ -20,10 +22,10 @@ use bytes::Bytes;
 pub use self::builder::{InvalidationMode, TieredCacheServiceBuilder};
 pub use self::bus::SUBSCRIBER_CAPACITY;
 pub use self::coherence::STRIPES;
+use self::envelope::Envelope;
+use self::invalidation::Operation;
 use self::shared::Shared;
 pub use self::tracking::CHECK_EVERY as TRACKING_CHECK_EVERY;
-use crate::envelope::Envelope;
-use crate::invalidation::Operation;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::service::resolve_ttl;
 use crate::{CacheError, CacheService, RedisCacheService, RedisCacheServiceBuilder};

@@ -10,12 +10,18 @@
 //! [`CacheError::Serialization`]. Floats that are finite round-trip exactly. Values nested
 //! more than 127 levels deep encode but do not decode (`serde_json`'s recursion limit, which
 //! keeps a hostile stored value from overflowing the stack).
+//!
+//! [`frame`] is the small header cache-aside stores around a value (its fresh and fail-safe
+//! deadlines, or "not found"); the typed `get` reads through it.
+
+pub mod frame;
 
 use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::CacheError;
+pub use frame::Frame;
 
 /// Encodes `value` as JSON.
 ///

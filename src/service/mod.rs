@@ -1,4 +1,10 @@
-//! The cache API: the object-safe [`CacheService`] and the typed [`CacheServiceExt`].
+//! The contract: the object-safe [`CacheService`], the lease types its cache-aside methods
+//! take ([`lease`]), the TTL rules every backend applies, and the forwarding impls that make
+//! `Arc<S>`, `Box<S>` and `&S` services themselves.
+//!
+//! This module depends on nothing above it (no backend, no loader): the typed helpers
+//! ([`CacheServiceExt`](crate::CacheServiceExt)) and cache-aside ([`load`](crate::load)) are
+//! built on it, and the [`Cache`](crate::Cache) enum's impl is generated next to the enum.
 
 use std::fmt;
 use std::future::Future;
@@ -9,16 +15,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use enum_dispatch::enum_dispatch;
-use serde::Serialize;
-use serde::de::DeserializeOwned;
 
-// `enum_dispatch` writes `impl CacheService for Cache` here (the enum is expanded first), so
-// the generated code needs the variant types in scope.
-use crate::backend::{Cache, MokaCacheService, RedisCacheService, TieredCacheService};
-use crate::load::{
-    self, Frame, Lease, LeaseRead, LeaseRequest, LoadError, LoadOptions, LoadTtl, Loaded,
-};
-use crate::{CacheError, codec};
+pub use self::lease::{Lease, LeaseRead, LeaseRequest};
+use crate::CacheError;
+
+pub mod lease;
 
 /// The longest TTL any backend accepts: 100 years of 365 days, in seconds. Longer is a
 /// [`CacheError::InvalidArgument`] rather than an overflow somewhere below.
@@ -30,7 +31,7 @@ pub const DEFAULT_TTL_SECS: u64 = 300;
 /// A byte-level cache, object safe so that an app can hold an `Arc<dyn CacheService>`.
 ///
 /// Every backend and decorator implements these four methods; the typed helpers
-/// (`get::<T>`, `set`) come from [`CacheServiceExt`], which every `CacheService`, including
+/// (`get::<T>`, `set`) come from [`CacheServiceExt`](crate::CacheServiceExt), which every `CacheService`, including
 /// `dyn CacheService`, gets for free.
 ///
 /// Semantics shared by every implementation (the [`conformance`](crate) suite checks them):
@@ -100,7 +101,7 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// many were removed. `*`, `?`, `[`, `]` and `\` are ordinary characters here.
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError>;
 
-    /// Cache-aside's lease (see [`crate::load::lease`]): the value stored under
+    /// Cache-aside's lease (see [`lease`]): the value stored under
     /// `key`, read from the store that holds the truth (never a local copy), or, when there
     /// is none (or it is the unusable value `request.replace` names), a lease on the key for
     /// `request.token`, stored in the key itself so that any change to the key voids it.
@@ -154,7 +155,7 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     }
 
     /// Which store this service is, for the single flight of
-    /// [`get_or_load`](CacheServiceExt::get_or_load): concurrent loads of one key through
+    /// [`get_or_load`](crate::CacheServiceExt::get_or_load): concurrent loads of one key through
     /// services with the same scope share one loader call.
     ///
     /// The default is the service's address, so two services never share loads. The
@@ -185,207 +186,6 @@ pub(crate) fn new_flight_scope() -> u64 {
     static NEXT: AtomicU64 = AtomicU64::new(1 << 63);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
-
-/// The typed helpers, for every [`CacheService`] (`dyn CacheService` included).
-///
-/// Values are encoded with [`codec`] (JSON). Nobody implements this trait: the blanket
-/// implementation covers every service.
-///
-/// ```
-/// use std::sync::Arc;
-/// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
-/// use serde::{Deserialize, Serialize};
-///
-/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
-/// struct OrgContext { slug: String, plan: String }
-///
-/// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
-/// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
-/// let ctx = OrgContext { slug: "acme".into(), plan: "pro".into() };
-/// cache.set("org:acme", &ctx, Some(300)).await?;
-/// let cached: Option<OrgContext> = cache.get::<OrgContext>("org:acme").await?;
-/// assert_eq!(cached, Some(ctx));
-/// cache.invalidate("org:acme").await?;
-/// assert_eq!(cache.get::<OrgContext>("org:acme").await?, None);
-/// # Ok(()) }
-/// ```
-pub trait CacheServiceExt: CacheService {
-    /// Reads `key` and decodes it as a `T`; `Ok(None)` when it is missing or expired.
-    ///
-    /// Stored bytes that do not decode as `T` give [`CacheError::Serialization`] and stay
-    /// stored.
-    fn get<T: DeserializeOwned>(
-        &self,
-        key: &str,
-    ) -> impl Future<Output = Result<Option<T>, CacheError>> + Send {
-        // An in-memory backend answers at once: no boxed future on a hit.
-        let now = self.get_bytes_now(key);
-        async move {
-            let stored = match now {
-                Some(answer) => answer?,
-                None => self.get_bytes(key).await?,
-            };
-            match stored {
-                Some(bytes) => load::decode_stored(key, &bytes),
-                None => Ok(None),
-            }
-        }
-    }
-
-    /// Cache-aside: the value under `key`, or else `loader`'s, which is then stored for
-    /// `ttl_secs` (`None`: the backend's default TTL).
-    ///
-    /// Concurrent misses of one key on one service run `loader` once in this process; the
-    /// other callers wait for it and decode its value (or receive its error, shared as an
-    /// `Arc`). A loader error is never cached. A cache that cannot be read is treated as a
-    /// miss, and one that cannot be written does not fail the call: the database stays the
-    /// source of truth when the cache is down. The loader runs under a 30 s timeout
-    /// ([`LoadError::Timeout`]). For negative caching, fail-safe, another timeout, or to know
-    /// where the value came from, use [`get_or_load_with`](Self::get_or_load_with).
-    ///
-    /// ```
-    /// use std::sync::Arc;
-    /// use std::sync::atomic::{AtomicU32, Ordering};
-    /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
-    /// let loads = AtomicU32::new(0);
-    /// let load_plan = || async {
-    ///     loads.fetch_add(1, Ordering::SeqCst);
-    ///     Ok::<_, std::io::Error>("pro".to_string())
-    /// };
-    /// let plan = cache.get_or_load("plan:acme", Some(300), load_plan).await.unwrap();
-    /// assert_eq!(plan, "pro");
-    /// let again: String = cache.get_or_load("plan:acme", Some(300), load_plan).await.unwrap();
-    /// assert_eq!((again.as_str(), loads.load(Ordering::SeqCst)), ("pro", 1)); // a hit
-    /// # }
-    /// ```
-    fn get_or_load<T, E, F, Fut>(
-        &self,
-        key: &str,
-        ttl_secs: Option<u64>,
-        loader: F,
-    ) -> impl Future<Output = Result<T, LoadError<E>>> + Send
-    where
-        T: Serialize + DeserializeOwned + Send,
-        E: Send + Sync + 'static,
-        F: FnOnce() -> Fut + Send,
-        Fut: Future<Output = Result<T, E>> + Send,
-    {
-        // The in-memory fast path, as in `get`: a hit is decoded at once and costs no boxed
-        // future. The miss path is boxed, so that this future stays small.
-        let now = self.get_bytes_now(key);
-        let valid_ttl = ttl_secs.is_none_or(|secs| (1..=MAX_TTL_SECS).contains(&secs));
-        let hit = match &now {
-            Some(Ok(Some(stored))) if valid_ttl && !Frame::is_framed(stored) => {
-                codec::decode(key, stored).ok()
-            }
-            _ => None,
-        };
-        async move {
-            if let Some(value) = hit {
-                return Ok(value);
-            }
-            let mut options = LoadOptions::default();
-            if let Some(ttl) = ttl_secs {
-                options = options.ttl_secs(ttl);
-            }
-            let miss: BoxFuture<'_, Result<Loaded<T>, LoadError<E>>> =
-                Box::pin(load::load(self, key, &options, now, || async move {
-                    loader().await.map(|value| Some((value, LoadTtl::Options)))
-                }));
-            let loaded = miss.await?;
-            loaded.value.ok_or_else(|| {
-                // Only when a concurrent `get_or_load_with` with negative caching led the
-                // load and found nothing.
-                LoadError::Cache(CacheError::invalid_argument(
-                    key,
-                    "a concurrent get_or_load_with of this key found nothing (negative caching)",
-                ))
-            })
-        }
-    }
-
-    /// Cache-aside with options: negative caching of "not found" (`loader` returns
-    /// `Ok(None)`), fail-safe (serve the last known value when the loader fails), a load
-    /// timeout; the result says where the value came from ([`LoadSource`](crate::LoadSource)) and which cache
-    /// error, if any, was worked around. Single flight as in
-    /// [`get_or_load`](Self::get_or_load).
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use cachet::{CacheServiceExt, LoadOptions, LoadSource, MokaCacheService};
-    ///
-    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
-    /// let cache = MokaCacheService::default();
-    /// let options = LoadOptions::default()
-    ///     .ttl_secs(60)
-    ///     .negative_ttl_secs(10)
-    ///     .fail_safe(Duration::from_secs(600));
-    ///
-    /// // An unknown org: the store says "not found", and that is cached for 10 s.
-    /// let missing = cache
-    ///     .get_or_load_with::<String, std::io::Error, _, _>("org:nope", &options, || async { Ok(None) })
-    ///     .await
-    ///     .unwrap();
-    /// assert_eq!((missing.value, missing.source), (None, LoadSource::Loader));
-    /// let again = cache
-    ///     .get_or_load_with::<String, std::io::Error, _, _>("org:nope", &options, || async {
-    ///         panic!("not called: the \"not found\" is cached")
-    ///     })
-    ///     .await
-    ///     .unwrap();
-    /// assert_eq!((again.value, again.source), (None, LoadSource::Cache));
-    /// # }
-    /// ```
-    fn get_or_load_with<T, E, F, Fut>(
-        &self,
-        key: &str,
-        options: &LoadOptions,
-        loader: F,
-    ) -> impl Future<Output = Result<Loaded<T>, LoadError<E>>> + Send
-    where
-        T: Serialize + DeserializeOwned + Send,
-        E: Send + Sync + 'static,
-        F: FnOnce() -> Fut + Send,
-        Fut: Future<Output = Result<Option<T>, E>> + Send,
-    {
-        // As in `get_or_load`: a fresh in-memory hit is answered at once, the rest boxed.
-        let now = self.get_bytes_now(key);
-        let hit = match options.check(key) {
-            Ok(()) => load::fresh_hit::<T>(key, options, &now),
-            Err(_) => None, // reported by the slow path
-        };
-        async move {
-            if let Some(loaded) = hit {
-                return Ok(loaded);
-            }
-            let miss: BoxFuture<'_, Result<Loaded<T>, LoadError<E>>> =
-                Box::pin(load::load(self, key, options, now, || async move {
-                    loader()
-                        .await
-                        .map(|found| found.map(|value| (value, LoadTtl::Options)))
-                }));
-            miss.await
-        }
-    }
-
-    /// Encodes `value` and stores it under `key` (see [`CacheService::set_bytes`] for
-    /// `ttl_secs`).
-    fn set<T: Serialize + ?Sized>(
-        &self,
-        key: &str,
-        value: &T,
-        ttl_secs: Option<u64>,
-    ) -> impl Future<Output = Result<(), CacheError>> + Send {
-        // Encode before the future is built, so that it does not hold `&T` (no `T: Sync`).
-        let encoded = codec::encode(key, value);
-        async move { self.set_bytes(key, encoded?, ttl_secs).await }
-    }
-}
-
-impl<S: CacheService + ?Sized> CacheServiceExt for S {}
 
 /// Turns a call's `ttl_secs` into a duration: `None` is `default`, `Some(0)` and values
 /// above [`MAX_TTL_SECS`] are [`CacheError::InvalidArgument`].

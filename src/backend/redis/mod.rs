@@ -15,7 +15,11 @@ use fred::types::Key;
 use fred::types::scan::Scanner;
 use futures_util::stream::StreamExt;
 
-use super::redis_config::{describe_server, redact_url, tls_with_roots};
+mod config;
+pub mod lease;
+
+pub use self::config::redact_url;
+use self::config::{describe_server, tls_with_roots};
 #[cfg(feature = "future-slots")]
 use crate::future_slot::boxed as box_future;
 use crate::load::{Lease, LeaseRead, LeaseRequest};

@@ -10,7 +10,7 @@ use fred::types::Value;
 use fred::types::scripts::Script;
 use sha1::{Digest, Sha1};
 
-use super::redis::RedisCacheService;
+use super::RedisCacheService;
 use crate::CacheError;
 use crate::load::{Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
 use crate::service::resolve_ttl;

@@ -60,19 +60,8 @@ pub struct LeaseToken(Arc<str>);
 impl LeaseToken {
     /// A fresh random token.
     pub fn random() -> Self {
-        let mut bytes = [0u8; 16];
-        // The OS's generator; if it ever fails, fall back to a randomly keyed hash of a
-        // counter and the time (unique in this process, unpredictable enough for a lease).
-        if getrandom::fill(&mut bytes).is_err() {
-            use std::hash::{BuildHasher, RandomState};
-            use std::sync::atomic::{AtomicU64, Ordering};
-            static N: AtomicU64 = AtomicU64::new(0);
-            let n = N.fetch_add(1, Ordering::Relaxed);
-            let state = RandomState::new();
-            bytes[..8]
-                .copy_from_slice(&state.hash_one((n, std::time::Instant::now())).to_le_bytes());
-            bytes[8..].copy_from_slice(&state.hash_one(n).to_le_bytes());
-        }
+        // `rand`'s thread-local generator, seeded from the OS.
+        let bytes: [u8; 16] = rand::random();
         LeaseToken(Arc::from(hex::encode(bytes)))
     }
 

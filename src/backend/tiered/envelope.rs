@@ -6,7 +6,7 @@
 //! milliseconds (`u64`), then the payload. Anything else is a
 //! [`CacheError::Serialization`], never a panic.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -26,12 +26,8 @@ pub struct Envelope {
     pub payload: Bytes,
 }
 
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+/// Milliseconds since the Unix epoch, now (the clock cache-aside's frames use too).
+pub use crate::codec::frame::now_ms;
 
 impl Envelope {
     /// An envelope for `payload` valid for `ttl` from now.
