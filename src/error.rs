@@ -1,6 +1,10 @@
-//! Errors returned by every cache backend and decorator.
+//! Errors returned by every cache backend and decorator, grouped by outcome: what a caller
+//! does next differs for each variant (fix the code, retry later, treat the entry as gone,
+//! alert: stored data was tampered with or written by an incompatible version).
 
 use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// A boxed error kept as the [`source`](std::error::Error::source) of a [`CacheError`].
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -30,7 +34,9 @@ const MAX_KEY_IN_MESSAGE: usize = 120;
 #[non_exhaustive]
 pub enum CacheError {
     /// A value could not be encoded, or the stored bytes could not be decoded as the
-    /// requested type. The stored entry is left untouched.
+    /// requested type (the wrong type, or bytes that are not JSON). The stored entry is left
+    /// untouched. Stored bytes that fail a check *before* decoding (a frame or envelope
+    /// header, authenticated decryption) are [`CacheError::Integrity`] instead.
     #[error("cannot {action} the value under key {key} as `{type_name}`: {source}")]
     Serialization {
         /// The key, as it appears in messages (very long keys are shortened).
@@ -43,11 +49,38 @@ pub enum CacheError {
         #[source]
         source: BoxError,
     },
-    /// The backend (a server, a connection) failed or did not answer in time.
+    /// Stored bytes failed a check before any decoding: an unknown magic or format version,
+    /// a truncated header, a value whose authentication failed (wrong key, tampered or
+    /// swapped ciphertext), a key id no configured key has. Nothing was decoded and the
+    /// stored entry is left untouched; cache-aside treats it as a miss and overwrites it.
+    #[error("stored value under key {key} failed the {layer} check: {problem}")]
+    Integrity {
+        /// The key, as it appears in messages.
+        key: KeyName,
+        /// The layer whose check failed: `"frame"` (cache-aside's header), `"envelope"` (the
+        /// tiered cache's header), `"encryption"`.
+        layer: &'static str,
+        /// What failed.
+        problem: IntegrityProblem,
+    },
+    /// The backend did not answer within its time limit (a command timeout, a connection
+    /// that could not be made or re-made in time). The call may or may not have taken effect.
+    #[error("cache backend {backend} did not answer {operation} {key} within {after:?}")]
+    Timeout {
+        /// The backend and, for a remote one, its server address.
+        backend: Arc<str>,
+        /// The operation that timed out.
+        operation: &'static str,
+        /// The key or prefix of the call.
+        key: KeyName,
+        /// The limit that ran out.
+        after: Duration,
+    },
+    /// The backend (a server, a connection) failed.
     #[error("cache backend {backend} failed on {operation} {key}: {source}")]
     Backend {
         /// The backend and, for a remote one, its server address.
-        backend: String,
+        backend: Arc<str>,
         /// The operation that failed (`get`, `set`, `invalidate`, `invalidate_prefix`, ...).
         operation: &'static str,
         /// The key or prefix of the call.
@@ -91,9 +124,33 @@ impl CacheError {
         }
     }
 
+    /// A [`CacheError::Integrity`] for `key`: `layer`'s check found `problem`.
+    pub fn integrity(key: &str, layer: &'static str, problem: IntegrityProblem) -> Self {
+        CacheError::Integrity {
+            key: KeyName::new(key),
+            layer,
+            problem,
+        }
+    }
+
+    /// A [`CacheError::Timeout`] for `operation` on `key`, after `after`.
+    pub fn timeout(
+        backend: impl Into<Arc<str>>,
+        operation: &'static str,
+        key: &str,
+        after: Duration,
+    ) -> Self {
+        CacheError::Timeout {
+            backend: backend.into(),
+            operation,
+            key: KeyName::new(key),
+            after,
+        }
+    }
+
     /// A [`CacheError::Backend`] for `operation` on `key`, on the named backend or server.
     pub fn backend(
-        backend: impl Into<String>,
+        backend: impl Into<Arc<str>>,
         operation: &'static str,
         key: &str,
         source: impl Into<BoxError>,
@@ -119,6 +176,71 @@ impl CacheError {
         CacheError::InvalidArgument {
             key: KeyName::new(key),
             message: message.into(),
+        }
+    }
+}
+
+/// What an integrity check found ([`CacheError::Integrity`]).
+///
+/// ```
+/// use cachet::{CacheError, IntegrityProblem};
+///
+/// let err = CacheError::integrity("org:acme", "frame", IntegrityProblem::UnknownVersion(9));
+/// assert!(err.to_string().contains("unknown format version 9"));
+/// assert!(matches!(err, CacheError::Integrity { problem: IntegrityProblem::UnknownVersion(9), .. }));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum IntegrityProblem {
+    /// The bytes do not start with the layer's magic.
+    BadMagic,
+    /// The magic is right, the format version is not one this build reads (a newer writer).
+    UnknownVersion(u8),
+    /// A format version this build can read but was configured to refuse (an encrypted
+    /// version-1 value once [`accept_v1(false)`](crate::EncryptionKeys::accept_v1)).
+    VersionRefused(u8),
+    /// Shorter than the layer's header, or a length field that runs past the end.
+    Truncated,
+    /// A header field holds a value the format does not define.
+    Malformed(&'static str),
+    /// Authenticated decryption with the key of this id failed: the wrong key, or ciphertext
+    /// that was altered, truncated or moved from another cache key.
+    AuthenticationFailed {
+        /// The key id the value names.
+        key_id: u32,
+    },
+    /// The value names an encryption key id that no configured key has.
+    UnknownKeyId(u32),
+    /// The value is past its authenticated expiry, and each retry found an expired value
+    /// again.
+    Expired,
+}
+
+impl fmt::Display for IntegrityProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IntegrityProblem::BadMagic => f.write_str("bad magic"),
+            IntegrityProblem::UnknownVersion(v) => write!(f, "unknown format version {v}"),
+            IntegrityProblem::VersionRefused(v) => {
+                write!(f, "format version {v}, which this reader no longer accepts")
+            }
+            IntegrityProblem::Truncated => f.write_str("truncated"),
+            IntegrityProblem::Malformed(what) => write!(f, "malformed {what}"),
+            IntegrityProblem::AuthenticationFailed { key_id } => write!(
+                f,
+                "authentication failed with key id {key_id}: the bytes were changed, the value \
+                 was stored under another key, or key id {key_id} is not the key that \
+                 encrypted it"
+            ),
+            IntegrityProblem::UnknownKeyId(id) => {
+                write!(
+                    f,
+                    "the value names key id {id}, which no configured key has"
+                )
+            }
+            IntegrityProblem::Expired => f.write_str(
+                "past its authenticated expiry (an expired value was written again on every retry)",
+            ),
         }
     }
 }
@@ -220,11 +342,37 @@ pub enum LockError {
         /// The lock's key.
         key: KeyName,
     },
-    /// The backend (a server, a connection) failed or did not answer in time.
+    /// The backend did not answer within its time limit; the call may or may not have taken
+    /// effect (a lock may have been taken: its lease will run out).
+    #[error("lock backend {backend} did not answer {operation} of lock {key} within {after:?}")]
+    BackendTimeout {
+        /// The backend and, for a remote one, its server address.
+        backend: Arc<str>,
+        /// `acquire`, `release` or `renew`.
+        operation: &'static str,
+        /// The lock's key.
+        key: KeyName,
+        /// The limit that ran out.
+        after: Duration,
+    },
+    /// The lock service could not be built from its settings (a malformed URL, a server
+    /// that cannot be reached at start).
+    #[error("cannot build the lock service: {message}")]
+    Config {
+        /// What is wrong (never a password).
+        message: String,
+        /// The underlying error, when there is one.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// A cache error with no lock counterpart, kept whole.
+    #[error(transparent)]
+    Cache(Box<CacheError>),
+    /// The backend (a server, a connection) failed.
     #[error("lock backend {backend} failed on {operation} of lock {key}: {source}")]
     Backend {
         /// The backend and, for a remote one, its server address.
-        backend: String,
+        backend: Arc<str>,
         /// `acquire`, `release` or `renew`.
         operation: &'static str,
         /// The lock's key.
@@ -310,7 +458,21 @@ impl<T> From<WithLockError<T>> for LockError {
 }
 
 impl From<CacheError> for LockError {
-    /// A lock service built on a cache connection reports the connection's errors.
+    /// A lock service built on a cache connection reports the connection's errors, each as
+    /// the lock error of the same kind: a backend failure stays [`LockError::Backend`], a
+    /// timeout [`LockError::BackendTimeout`], bad settings [`LockError::Config`], a bad
+    /// argument [`LockError::InvalidArgument`] with its key; anything else is kept whole in
+    /// [`LockError::Cache`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cachet::{CacheError, LockError};
+    ///
+    /// let timeout = CacheError::timeout("redis 10.0.0.1:6379", "acquire", "k", Duration::from_secs(2));
+    /// assert!(matches!(LockError::from(timeout), LockError::BackendTimeout { .. }));
+    /// let config = CacheError::config("bad URL", None);
+    /// assert!(matches!(LockError::from(config), LockError::Config { .. }));
+    /// ```
     fn from(error: CacheError) -> Self {
         match error {
             CacheError::Backend {
@@ -324,10 +486,22 @@ impl From<CacheError> for LockError {
                 key,
                 source,
             },
-            other => LockError::InvalidArgument {
-                key: KeyName::new(""),
-                message: other.to_string(),
+            CacheError::Timeout {
+                backend,
+                operation,
+                key,
+                after,
+            } => LockError::BackendTimeout {
+                backend,
+                operation,
+                key,
+                after,
             },
+            CacheError::Config { message, source } => LockError::Config { message, source },
+            CacheError::InvalidArgument { key, message } => {
+                LockError::InvalidArgument { key, message }
+            }
+            other => LockError::Cache(Box::new(other)),
         }
     }
 }

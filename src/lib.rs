@@ -59,28 +59,34 @@
 #![deny(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
-// Layers, bottom up: the contract (`service`, `codec`, `error`) depends on nothing above it;
-// `ext` and `load` are built on it; backends and decorators implement it. `service` comes
-// before `backend` so that `enum_dispatch` writes the `Cache` enum's impl next to the enum
-// (it expands where the second of its two attributes is seen), not inside the contract.
-pub mod backend;
+// Layers, bottom up. The contract (`error`, `codec`, `service`) depends on nothing above it;
+// `ext` and `load` are built on it; backends and decorators implement it; `tenancy` uses the
+// public API only.
+//
+// `service` must be declared before `backend` (rustfmt sorts each group of `mod` lines, so
+// they are two groups): `enum_dispatch` writes the `Cache` enum's impl where the second of
+// its two attributes is seen, and so writes it beside the enum, not inside the contract.
 pub mod codec;
+mod error;
+pub mod service;
+
+mod ext;
+pub mod load;
+
+pub mod backend;
 mod config;
+pub mod decorate;
+pub mod lock;
+#[cfg(feature = "tenancy")]
+pub mod tenancy;
+
 #[cfg(feature = "conformance")]
 pub mod conformance;
-pub mod decorate;
-mod error;
-mod ext;
 #[cfg(feature = "future-slots")]
 #[allow(unsafe_code)] // type-erased futures in reused heap slots; see the module docs
 mod future_slot;
-pub mod load;
-pub mod lock;
 #[cfg(feature = "mock")]
 mod mock;
-pub mod service;
-#[cfg(feature = "tenancy")]
-pub mod tenancy;
 
 // The paths of the first release, kept: `cachet::org`, `cachet::token`, `cachet::middleware`,
 // `cachet::envelope`, `cachet::invalidation`.
@@ -94,14 +100,14 @@ pub use tenancy::{org, token};
 pub use backend::{Cache, MokaCacheService, MokaCacheServiceBuilder};
 #[cfg(feature = "redis")]
 pub use backend::{
-    RedisCacheService, RedisCacheServiceBuilder, TieredCacheService, TieredCacheServiceBuilder,
-    redact_url,
+    RedisCacheService, RedisCacheServiceBuilder, RedisConnection, RedisConnectionBuilder,
+    TieredCacheService, TieredCacheServiceBuilder, redact_url,
 };
 pub use config::{CacheSettings, build_cache_service};
 pub use decorate::NamespacedCacheService;
 #[cfg(feature = "encryption")]
 pub use decorate::{EncryptedCacheService, EncryptedEnvelope, EncryptionKey, EncryptionKeys};
-pub use error::{BoxError, CacheError, KeyName, LockError, WithLockError};
+pub use error::{BoxError, CacheError, IntegrityProblem, KeyName, LockError, WithLockError};
 pub use ext::CacheServiceExt;
 pub use load::{LoadError, LoadOptions, LoadSource, Loaded};
 #[cfg(feature = "redis")]

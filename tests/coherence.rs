@@ -25,18 +25,16 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use cachet::backend::tiered::InvalidationMode;
 use cachet::conformance::unique_prefix;
 use cachet::envelope::Envelope;
 use cachet::load::{Lease, LeaseRead, LeaseRequest};
-use cachet::org::{OrgIdentity, OrgStore};
 use cachet::token::ValidToken;
 use cachet::{
     CacheError, CacheService, CacheServiceExt, LoadOptions, LoadSource, MokaCacheService,
@@ -46,19 +44,14 @@ use cachet::{
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use support::RedisServer;
-use tokio::sync::{Barrier, Notify};
+use support::{Gate, MemoryOrgStore, OrgContext, RedisServer};
+use tokio::sync::Barrier;
 
 /// Bound on anything that should take milliseconds: only a hang reaches it.
 const HANG: Duration = Duration::from_secs(20);
 /// TTL of everything the tests cache: much longer than any run, so that staleness can only
 /// come from the races, never from an expiry.
 const TTL: u64 = 60;
-
-fn shared_server() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start)
-}
 
 /// Redis settings for every instance: quick to notice a dead connection and to come back,
 /// and a command timeout longer than a `CLIENT PAUSE` of the fault injector.
@@ -180,33 +173,6 @@ async fn truth_in_redis(raw: &RedisCacheService, key: &str) -> Option<String> {
     Some(cachet::codec::decode(key, &envelope.payload).expect("a JSON string"))
 }
 
-/// A point in a load where the test holds it: the loader says it got there, then waits to
-/// be let go.
-#[derive(Default)]
-struct Gate {
-    reached: Notify,
-    release: Notify,
-}
-
-impl Gate {
-    /// In the loader.
-    async fn pause(&self) {
-        self.reached.notify_one();
-        self.release.notified().await;
-    }
-
-    /// In the test: until the loader is at the gate.
-    async fn reached(&self) {
-        tokio::time::timeout(HANG, self.reached.notified())
-            .await
-            .expect("the load never reached the gate");
-    }
-
-    fn open(&self) {
-        self.release.notify_one();
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // 1. Stale write-back
 // ---------------------------------------------------------------------------------------
@@ -229,7 +195,7 @@ struct Pair {
 
 impl Pair {
     async fn redis() -> Pair {
-        let url = shared_server().url();
+        let url = RedisServer::shared().url();
         Pair {
             a: Arc::new(plain(&url).await),
             b: Arc::new(plain(&url).await),
@@ -238,7 +204,7 @@ impl Pair {
     }
 
     async fn tiered(mode: InvalidationMode) -> Pair {
-        let bus = Bus::with_mode(&shared_server().url(), 2, mode).await;
+        let bus = Bus::with_mode(&RedisServer::shared().url(), 2, mode).await;
         Pair {
             a: Arc::new(bus.observers[0].clone()),
             b: Arc::new(bus.observers[1].clone()),
@@ -392,83 +358,6 @@ mod stale_write_back_moka {
     stale_write_back_tests!(super::Pair::moka());
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct OrgContext {
-    id: String,
-    slug: String,
-    plan: String,
-}
-
-impl OrgIdentity for OrgContext {
-    fn org_slug(&self) -> &str {
-        &self.slug
-    }
-    fn org_id(&self) -> String {
-        self.id.clone()
-    }
-}
-
-/// The app's database, in memory: one load can be held at a gate after it read its row.
-#[derive(Default)]
-struct Db {
-    orgs: Mutex<HashMap<String, OrgContext>>,
-    hold_next_load: Mutex<Option<Arc<Gate>>>,
-}
-
-enum By<'a> {
-    Slug(&'a str),
-    Id(&'a str),
-}
-
-impl Db {
-    fn put(&self, id: &str, slug: &str, plan: &str) {
-        let context = OrgContext {
-            id: id.into(),
-            slug: slug.into(),
-            plan: plan.into(),
-        };
-        self.orgs.lock().unwrap().insert(slug.to_owned(), context);
-    }
-
-    fn row(&self, slug: &str) -> Option<OrgContext> {
-        self.orgs.lock().unwrap().get(slug).cloned()
-    }
-
-    async fn load(&self, by: By<'_>) -> Result<Option<OrgContext>, Infallible> {
-        // Like a query: the row is read at once; the answer may be held.
-        let row = self
-            .orgs
-            .lock()
-            .unwrap()
-            .values()
-            .find(|org| match &by {
-                By::Slug(slug) => org.slug == *slug,
-                By::Id(id) => org.id == *id,
-            })
-            .cloned();
-        let gate = self.hold_next_load.lock().unwrap().take();
-        if let Some(gate) = gate {
-            gate.pause().await;
-        }
-        Ok(row)
-    }
-}
-
-struct Store(Arc<Db>);
-
-impl OrgStore for Store {
-    type Context = OrgContext;
-    type Error = Infallible;
-
-    async fn load_by_slug(&self, slug: &str) -> Result<Option<OrgContext>, Infallible> {
-        self.0.load(By::Slug(slug)).await
-    }
-
-    async fn load_by_id(&self, id: &str) -> Result<Option<OrgContext>, Infallible> {
-        self.0.load(By::Id(id)).await
-    }
-}
-
 /// Two resolvers, each over its own tiered instance (one namespace, so that the test has its
 /// own `org:` keys on the shared server), one store. B's load of acme by slug reads the old
 /// row and is held; acme changes in the store and A calls `invalidate_org`; B's load is let
@@ -476,28 +365,28 @@ impl OrgStore for Store {
 /// instance, and both resolvers return the store's new row by slug and by id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn org_resolver_invalidate_org_on_a_is_not_undone_by_a_load_held_on_b() {
-    let bus = Bus::new(&shared_server().url(), 2).await;
+    let bus = Bus::new(&RedisServer::shared().url(), 2).await;
     let namespace = unique_prefix("org-write-back").replace(':', "-");
-    let db = Arc::new(Db::default());
-    db.put("42", "acme", "pro");
+    let db = MemoryOrgStore::new();
+    db.put(OrgContext::new("42", "acme", "pro"));
     let resolver = |instance: &TieredCacheService| {
         let cache: Arc<dyn CacheService> = Arc::new(instance.clone());
         let cache: Arc<dyn CacheService> =
             Arc::new(NamespacedCacheService::new(cache, namespace.clone()).unwrap());
-        OrgResolver::new(cache, Store(Arc::clone(&db))).ttl_secs(TTL)
+        OrgResolver::new(cache, db.clone()).ttl_secs(TTL)
     };
     let on_a = resolver(&bus.observers[0]);
     let on_b = Arc::new(resolver(&bus.observers[1]));
 
     let gate = Arc::new(Gate::default());
-    *db.hold_next_load.lock().unwrap() = Some(Arc::clone(&gate));
+    db.hold_next_load(Arc::clone(&gate));
     let b_load = {
         let on_b = Arc::clone(&on_b);
         tokio::spawn(async move { on_b.by_slug("acme").await })
     };
     gate.reached().await;
 
-    db.put("42", "acme", "enterprise");
+    db.put(OrgContext::new("42", "acme", "enterprise"));
     on_a.invalidate_org("acme", "42").await.unwrap();
     bus.settle().await;
 
@@ -614,17 +503,16 @@ impl CacheService for PauseAt {
 /// steps while acme changes and A calls `invalidate_org`. Whatever the step, no key may
 /// serve the old context afterwards on either instance.
 async fn second_key_write_held_at(method: &'static str, key: &'static str, nth: usize) {
-    let bus = Bus::new(&shared_server().url(), 2).await;
+    let bus = Bus::new(&RedisServer::shared().url(), 2).await;
     let namespace = unique_prefix("org-second-key").replace(':', "-");
-    let db = Arc::new(Db::default());
-    db.put("42", "acme", "pro");
+    let db = MemoryOrgStore::new();
+    db.put(OrgContext::new("42", "acme", "pro"));
     let gate = Arc::new(Gate::default());
     let namespaced = |instance: &TieredCacheService| -> Arc<dyn CacheService> {
         let cache: Arc<dyn CacheService> = Arc::new(instance.clone());
         Arc::new(NamespacedCacheService::new(cache, namespace.clone()).unwrap())
     };
-    let on_a =
-        OrgResolver::new(namespaced(&bus.observers[0]), Store(Arc::clone(&db))).ttl_secs(TTL);
+    let on_a = OrgResolver::new(namespaced(&bus.observers[0]), db.clone()).ttl_secs(TTL);
     let paused: Arc<dyn CacheService> = Arc::new(PauseAt {
         inner: namespaced(&bus.observers[1]),
         method,
@@ -633,13 +521,13 @@ async fn second_key_write_held_at(method: &'static str, key: &'static str, nth: 
         seen: Default::default(),
         gate: Arc::clone(&gate),
     });
-    let on_b = Arc::new(OrgResolver::new(paused, Store(Arc::clone(&db))).ttl_secs(TTL));
+    let on_b = Arc::new(OrgResolver::new(paused, db.clone()).ttl_secs(TTL));
     let b_load = {
         let on_b = Arc::clone(&on_b);
         tokio::spawn(async move { on_b.by_slug("acme").await })
     };
     gate.reached().await;
-    db.put("42", "acme", "enterprise");
+    db.put(OrgContext::new("42", "acme", "enterprise"));
     on_a.invalidate_org("acme", "42").await.unwrap();
     gate.open();
     let answered = tokio::time::timeout(HANG, b_load)
@@ -697,7 +585,7 @@ struct Claims {
 /// from the cache.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_cache_token_revoked_on_a_is_not_cached_again_by_a_validation_held_on_b() {
-    let bus = Bus::new(&shared_server().url(), 2).await;
+    let bus = Bus::new(&RedisServer::shared().url(), 2).await;
     let tokens = |instance: &TieredCacheService| {
         let cache: Arc<dyn CacheService> = Arc::new(instance.clone());
         TokenCache::<Claims>::new(cache).max_ttl_secs(TTL)
@@ -776,7 +664,7 @@ async fn concurrent_sets_with_tracking_leave_both_serving_what_redis_holds() {
 
 async fn concurrent_sets(mode: InvalidationMode) {
     const ROUNDS: usize = 200;
-    let url = shared_server().url();
+    let url = RedisServer::shared().url();
     let bus = Bus::with_mode(&url, 2, mode).await;
     let (a, b) = (bus.observers[0].clone(), bus.observers[1].clone());
     let raw = plain(&url).await;
@@ -878,7 +766,7 @@ async fn unknown_orgs_under_distributed_single_flight_leave_no_key_without_expir
     let server = RedisServer::start(); // every key on it is this test's
     let cache: Arc<dyn CacheService> = Arc::new(plain(&server.url()).await);
     let locks = Arc::new(RedisConcurrencyService::new(&server.url()).await.unwrap());
-    let orgs = OrgResolver::new(cache, Store(Arc::new(Db::default())))
+    let orgs = OrgResolver::new(cache, MemoryOrgStore::<OrgContext>::new())
         .ttl_secs(TTL)
         .distributed_single_flight(locks);
     for i in 0..300 {
@@ -1575,7 +1463,7 @@ async fn checker_tracking_and_plain_redis_without_faults() {
 }
 
 async fn checker_without_faults(mode: InvalidationMode, name: &str) {
-    let url = shared_server().url();
+    let url = RedisServer::shared().url();
     let seed = seed();
     let tiered = Group::tiered(name, &url, TIERED, mode).await;
     let plain = Group::plain("plain redis", &url).await;

@@ -10,16 +10,6 @@ use std::sync::OnceLock;
 use cachet::RedisCacheService;
 use support::{RedisCluster, RedisServer, SentinelSetup};
 
-fn standalone() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start)
-}
-
-fn valkey() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start_valkey)
-}
-
 fn sentinel() -> &'static SentinelSetup {
     static SETUP: OnceLock<SentinelSetup> = OnceLock::new();
     SETUP.get_or_init(SentinelSetup::start)
@@ -33,7 +23,7 @@ async fn connect(url: String) -> RedisCacheService {
 }
 
 mod redis_standalone {
-    cachet::conformance_tests!(super::connect(super::standalone().url()).await);
+    cachet::conformance_tests!(super::connect(super::RedisServer::shared().url()).await);
 }
 
 mod redis_cluster {
@@ -45,18 +35,18 @@ mod redis_sentinel {
 }
 
 mod valkey_standalone {
-    cachet::conformance_tests!(super::connect(super::valkey().url()).await);
+    cachet::conformance_tests!(super::connect(super::RedisServer::shared_valkey().url()).await);
 }
 
 mod through_cache_enum {
     cachet::conformance_tests!(cachet::Cache::from(
-        super::connect(super::standalone().url()).await
+        super::connect(super::RedisServer::shared().url()).await
     ));
 }
 
 mod namespaced {
     cachet::conformance_tests!(
-        cachet::RedisCacheService::builder(super::standalone().url())
+        cachet::RedisCacheService::builder(super::RedisServer::shared().url())
             .namespace("tenant-a:")
             .build()
             .await
@@ -66,7 +56,7 @@ mod namespaced {
 
 #[tokio::test]
 async fn keys_are_stored_under_exactly_their_name_with_the_default_ttl() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let cache = connect(server.url()).await;
     let key = format!("{}plain key", cachet::conformance::unique_prefix("layout"));
     cachet::CacheServiceExt::set(&cache, &key, &"v", None)
@@ -79,7 +69,7 @@ async fn keys_are_stored_under_exactly_their_name_with_the_default_ttl() {
 
 #[tokio::test]
 async fn a_namespace_prefixes_keys_and_bounds_prefix_invalidation() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let base = cachet::conformance::unique_prefix("ns");
     let a = RedisCacheService::builder(server.url())
         .namespace(format!("{base}a:"))
@@ -101,7 +91,7 @@ async fn a_namespace_prefixes_keys_and_bounds_prefix_invalidation() {
 
 mod pooled {
     cachet::conformance_tests!(
-        cachet::RedisCacheService::builder(super::standalone().url())
+        cachet::RedisCacheService::builder(super::RedisServer::shared().url())
             .pool_size(3)
             .build()
             .await

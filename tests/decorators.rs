@@ -9,7 +9,7 @@
 
 mod support;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use cachet::conformance::unique_prefix;
@@ -18,12 +18,7 @@ use cachet::{
     EncryptionKey, EncryptionKeys, MokaCacheService, NamespacedCacheService, RedisCacheService,
 };
 use serde::{Deserialize, Serialize};
-use support::{RedisServer, Resp};
-
-fn standalone() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start)
-}
+use support::RedisServer;
 
 async fn connect(url: String) -> RedisCacheService {
     match RedisCacheService::new(&url, 300).await {
@@ -33,7 +28,7 @@ async fn connect(url: String) -> RedisCacheService {
 }
 
 async fn redis() -> RedisCacheService {
-    connect(standalone().url()).await
+    connect(RedisServer::shared().url()).await
 }
 
 const KEY_1: [u8; 32] = [0x11; 32];
@@ -119,10 +114,9 @@ mod namespaced_arc_dyn {
 
 /// The raw bytes stored under `key`, read with a plain `GET` on a new connection.
 fn raw_get(server: &RedisServer, key: &str) -> Option<Vec<u8>> {
-    match server.request(&["GET", key]) {
-        Ok(Resp::Bulk(bytes)) => bytes,
-        other => panic!("GET {key:?}: {other:?}"),
-    }
+    server
+        .query(&["GET", key])
+        .unwrap_or_else(|e| panic!("GET {key:?}: {e}"))
 }
 
 /// Every key on `server` that starts with `prefix` (which must hold no glob characters), by
@@ -132,16 +126,11 @@ fn raw_entries(server: &RedisServer, prefix: &str) -> Vec<(String, Vec<u8>)> {
     let mut cursor = "0".to_owned();
     let mut entries = Vec::new();
     loop {
-        let reply = match server.request(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"]) {
-            Ok(reply) => reply,
-            Err(e) => panic!("SCAN: {e}"),
-        };
-        let [next, keys] = reply.items() else {
-            panic!("SCAN reply: {reply:?}");
-        };
-        cursor = next.to_text();
-        for key in keys.items() {
-            let key = key.to_text();
+        let (next, keys): (String, Vec<String>) = server
+            .query(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"])
+            .unwrap_or_else(|e| panic!("SCAN: {e}"));
+        cursor = next;
+        for key in keys {
             if let Some(value) = raw_get(server, &key) {
                 entries.push((key, value));
             }
@@ -156,11 +145,12 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
 }
 
-/// The error of a read that must fail with `Serialization`, as text.
-fn serialization_error<T: std::fmt::Debug>(result: Result<T, CacheError>) -> String {
+/// The error of a read that must fail an integrity check (the value does not decrypt), as
+/// text.
+fn integrity_error<T: std::fmt::Debug>(result: Result<T, CacheError>) -> String {
     match result {
-        Err(e @ CacheError::Serialization { .. }) => e.to_string(),
-        other => panic!("expected CacheError::Serialization, got {other:?}"),
+        Err(e @ CacheError::Integrity { .. }) => e.to_string(),
+        other => panic!("expected CacheError::Integrity, got {other:?}"),
     }
 }
 
@@ -189,7 +179,7 @@ async fn the_secret_is_nowhere_in_redis_and_round_trips() {
     use base64::Engine;
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 
-    let server = standalone();
+    let server = RedisServer::shared();
     let prefix = unique_prefix("secret");
     let cache = encrypted(redis().await);
     for slug in ["acme", "globex", "initech"] {
@@ -264,7 +254,7 @@ async fn the_secret_is_nowhere_in_redis_and_round_trips() {
 
 #[tokio::test]
 async fn a_value_copied_to_another_key_does_not_decrypt() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let prefix = unique_prefix("copied");
     let inner = redis().await;
     let cache = encrypted(inner.clone());
@@ -276,7 +266,7 @@ async fn a_value_copied_to_another_key_does_not_decrypt() {
     // Copied on the server (binary safe), as someone with access to Redis could.
     let by_server = format!("{prefix}org:evil:secrets");
     assert_eq!(server.command(&["COPY", &acme, &by_server]).unwrap(), "1");
-    let msg = serialization_error(cache.get::<OrgSecrets>(&by_server).await);
+    let msg = integrity_error(cache.get::<OrgSecrets>(&by_server).await);
     assert!(msg.contains("org:evil:secrets"), "names the key: {msg}");
     assert!(msg.contains("authentication failed with key id 1"), "{msg}");
     assert_eq!(
@@ -289,8 +279,8 @@ async fn a_value_copied_to_another_key_does_not_decrypt() {
     let by_client = format!("{prefix}org:acme:secrets2");
     let raw = inner.get_bytes(&acme).await.unwrap().unwrap();
     inner.set_bytes(&by_client, raw, None).await.unwrap();
-    serialization_error(cache.get_bytes(&by_client).await);
-    serialization_error(cache.get::<OrgSecrets>(&by_client).await);
+    integrity_error(cache.get_bytes(&by_client).await);
+    integrity_error(cache.get::<OrgSecrets>(&by_client).await);
     assert_eq!(
         raw_get(server, &by_client).unwrap(),
         original,
@@ -306,7 +296,7 @@ async fn a_value_copied_to_another_key_does_not_decrypt() {
 
 #[tokio::test]
 async fn one_flipped_byte_anywhere_fails_and_stays_stored() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let prefix = unique_prefix("flipped");
     let inner = redis().await;
     let cache = encrypted(inner.clone());
@@ -322,7 +312,7 @@ async fn one_flipped_byte_anywhere_fails_and_stays_stored() {
             .set_bytes(&key, Bytes::from(flipped.clone()), None)
             .await
             .unwrap();
-        let msg = serialization_error(cache.get::<OrgSecrets>(&key).await);
+        let msg = integrity_error(cache.get::<OrgSecrets>(&key).await);
         assert!(msg.contains("org:acme"), "byte {position}: {msg}");
         assert_eq!(
             raw_get(server, &key).unwrap(),
@@ -341,8 +331,8 @@ async fn one_flipped_byte_anywhere_fails_and_stays_stored() {
 }
 
 #[tokio::test]
-async fn garbage_truncated_and_plaintext_values_are_serialization_errors() {
-    let server = standalone();
+async fn garbage_truncated_and_plaintext_values_are_integrity_errors() {
+    let server = RedisServer::shared();
     let prefix = unique_prefix("garbage");
     let plain = redis().await;
     let cache = encrypted(plain.clone());
@@ -350,13 +340,13 @@ async fn garbage_truncated_and_plaintext_values_are_serialization_errors() {
     // Written before encryption was turned on: plain JSON.
     let legacy = format!("{prefix}legacy");
     plain.set(&legacy, &secrets("acme"), None).await.unwrap();
-    let msg = serialization_error(cache.get::<OrgSecrets>(&legacy).await);
+    let msg = integrity_error(cache.get::<OrgSecrets>(&legacy).await);
     assert!(msg.contains("magic"), "{msg}");
 
     // Garbage written with redis-cli.
     let garbage = format!("{prefix}garbage");
     server.cli(&["SET", &garbage, "CS\u{1}this is not a real envelope at all"]);
-    serialization_error(cache.get_bytes(&garbage).await);
+    integrity_error(cache.get_bytes(&garbage).await);
     assert_eq!(
         raw_get(server, &garbage).unwrap(),
         b"CS\x01this is not a real envelope at all"
@@ -372,7 +362,7 @@ async fn garbage_truncated_and_plaintext_values_are_serialization_errors() {
             .set_bytes(&key, Bytes::copy_from_slice(&bytes[..cut]), None)
             .await
             .unwrap();
-        let msg = serialization_error(cache.get::<OrgSecrets>(&key).await);
+        let msg = integrity_error(cache.get::<OrgSecrets>(&key).await);
         assert!(msg.contains(&format!("cut:{cut}")), "{msg}");
     }
 }
@@ -425,7 +415,7 @@ fn server_ttl(server: &RedisServer, key: &str) -> i64 {
 /// version 2 they decrypted and were served forever.
 #[tokio::test]
 async fn an_expired_value_written_back_without_a_ttl_is_a_miss_on_redis() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let key = format!("{}org:acme:secrets", unique_prefix("replay"));
     let inner = redis().await;
     let cache = encrypted(inner.clone());
@@ -553,7 +543,7 @@ async fn an_expired_value_written_back_is_a_miss_on_moka() {
 /// `None` seals the decorator's default TTL (300 s unless set), and passes `None` down.
 #[tokio::test]
 async fn the_default_ttl_is_sealed_and_the_inner_ttl_passes_through() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let prefix = unique_prefix("default-ttl");
     let cache = encrypted(redis().await);
     let short = EncryptedCacheService::new(redis().await, keys())
@@ -589,7 +579,7 @@ async fn the_default_ttl_is_sealed_and_the_inner_ttl_passes_through() {
 
 #[tokio::test]
 async fn changed_expiry_bytes_fail_authentication_and_stay_stored() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let key = format!("{}org:acme", unique_prefix("expiry-bytes"));
     let cache = encrypted(redis().await);
     cache.set(&key, &secrets("acme"), Some(60)).await.unwrap();
@@ -603,7 +593,7 @@ async fn changed_expiry_bytes_fail_authentication_and_stay_stored() {
         let mut changed = original.clone();
         changed[7..15].copy_from_slice(&new_expiry.to_be_bytes());
         raw_set(&mut conn, &key, &changed).await;
-        let msg = serialization_error(cache.get::<OrgSecrets>(&key).await);
+        let msg = integrity_error(cache.get::<OrgSecrets>(&key).await);
         assert!(msg.contains("authentication failed with key id 1"), "{msg}");
         assert_eq!(raw_get(server, &key).unwrap(), changed, "left untouched");
     }
@@ -613,7 +603,7 @@ async fn changed_expiry_bytes_fail_authentication_and_stay_stored() {
 /// key they were written for only; a keyring that refuses version 1 says so.
 #[tokio::test]
 async fn version_1_values_still_decrypt() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let prefix = unique_prefix("v1");
     let inner = redis().await;
     let cache = encrypted(inner.clone());
@@ -629,11 +619,11 @@ async fn version_1_values_still_decrypt() {
     // Moved to another key, it does not decrypt.
     let moved = format!("{prefix}org:evil");
     assert_eq!(server.command(&["COPY", &key, &moved]).unwrap(), "1");
-    let msg = serialization_error(cache.get::<OrgSecrets>(&moved).await);
+    let msg = integrity_error(cache.get::<OrgSecrets>(&moved).await);
     assert!(msg.contains("authentication failed with key id 1"), "{msg}");
     // Refused once version-1 reads are off.
     let strict = EncryptedCacheService::new(inner.clone(), keys().accept_v1(false));
-    let msg = serialization_error(strict.get::<OrgSecrets>(&key).await);
+    let msg = integrity_error(strict.get::<OrgSecrets>(&key).await);
     assert!(msg.contains("version 1"), "{msg}");
     // A rewrite stores version 2.
     cache.set(&key, &secrets("acme"), Some(60)).await.unwrap();
@@ -646,7 +636,7 @@ async fn version_1_values_still_decrypt() {
 
 #[tokio::test]
 async fn key_rotation_reads_old_values_and_writes_with_the_new_key() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let prefix = unique_prefix("rotation");
     let old_key = format!("{prefix}org:acme");
     let new_key = format!("{prefix}org:globex");
@@ -680,14 +670,14 @@ async fn key_rotation_reads_old_values_and_writes_with_the_new_key() {
     assert_eq!(stored_id(&new_key), 2, "new writes use the current key");
 
     let only_new = EncryptedCacheService::new(redis().await, EncryptionKeys::new(2, KEY_2));
-    let msg = serialization_error(only_new.get::<OrgSecrets>(&old_key).await);
+    let msg = integrity_error(only_new.get::<OrgSecrets>(&old_key).await);
     assert!(msg.contains("key id 1"), "{msg}");
     assert!(msg.contains("org:acme"), "{msg}");
     assert_eq!(
         only_new.get::<OrgSecrets>(&new_key).await.unwrap(),
         Some(secrets("globex"))
     );
-    let msg = serialization_error(before.get::<OrgSecrets>(&new_key).await);
+    let msg = integrity_error(before.get::<OrgSecrets>(&new_key).await);
     assert!(msg.contains("key id 2"), "{msg}");
 
     // Rewriting an old value moves it to the new key.
@@ -701,13 +691,13 @@ async fn key_rotation_reads_old_values_and_writes_with_the_new_key() {
 
 #[tokio::test]
 async fn a_wrong_key_under_a_known_id_fails_without_touching_the_entry() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let key = format!("{}k", unique_prefix("wrong-key"));
     let writer = encrypted(redis().await);
     writer.set(&key, &secrets("acme"), None).await.unwrap();
     let stored = raw_get(server, &key).unwrap();
     let impostor = EncryptedCacheService::new(redis().await, EncryptionKeys::new(1, KEY_2));
-    let msg = serialization_error(impostor.get::<OrgSecrets>(&key).await);
+    let msg = integrity_error(impostor.get::<OrgSecrets>(&key).await);
     assert!(msg.contains("authentication failed with key id 1"), "{msg}");
     assert_eq!(raw_get(server, &key).unwrap(), stored);
 }
@@ -746,7 +736,7 @@ async fn invalidation_passes_through_the_encryption() {
 /// from one tenant's namespace to another's does not decrypt.
 #[tokio::test]
 async fn encryption_inside_a_namespace_binds_the_tenant() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let base = unique_prefix("tenants").replace(':', "-");
     let (acme_ns, globex_ns) = (format!("{base}acme"), format!("{base}globex"));
     let acme = namespaced(encrypted(redis().await), &acme_ns);
@@ -754,7 +744,7 @@ async fn encryption_inside_a_namespace_binds_the_tenant() {
     acme.set("sso", &secrets("acme"), None).await.unwrap();
     let (from, to) = (format!("{acme_ns}:sso"), format!("{globex_ns}:sso"));
     assert_eq!(server.command(&["COPY", &from, &to]).unwrap(), "1");
-    let msg = serialization_error(globex.get::<OrgSecrets>("sso").await);
+    let msg = integrity_error(globex.get::<OrgSecrets>("sso").await);
     assert!(msg.contains(&to), "names the stored key: {msg}");
 }
 
@@ -763,7 +753,7 @@ async fn encryption_inside_a_namespace_binds_the_tenant() {
 /// behaviour, so that a change to it is noticed.
 #[tokio::test]
 async fn encryption_outside_a_namespace_binds_only_the_name_within_it() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let base = unique_prefix("tenants-outside").replace(':', "-");
     let (acme_ns, globex_ns) = (format!("{base}acme"), format!("{base}globex"));
     let acme = encrypted(namespaced(redis().await, &acme_ns));
@@ -797,7 +787,7 @@ async fn the_fast_path_is_forwarded_and_decrypts() {
         .unwrap();
     assert!(matches!(
         cache.get_bytes_now("bad"),
-        Some(Err(CacheError::Serialization { .. }))
+        Some(Err(CacheError::Integrity { .. }))
     ));
     // A backend with no fast path still answers through `get_bytes`.
     let over_redis = encrypted(redis().await);
@@ -1039,7 +1029,7 @@ async fn glob_characters_in_namespace_and_prefix_are_literal_on_redis() {
 
 #[tokio::test]
 async fn namespaced_keys_are_stored_under_namespace_colon_key() {
-    let server = standalone();
+    let server = RedisServer::shared();
     let ns = unique_prefix("layout").replace(':', "-");
     let cache = namespaced(redis().await, &ns);
     cache.set("org:acme", &"v", Some(120)).await.unwrap();

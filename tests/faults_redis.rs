@@ -47,12 +47,48 @@ async fn until_working(cache: &RedisCacheService, key: &str) -> u64 {
             Ok(Some(v)) => return v,
             Ok(None) => panic!("{key} missing right after set"),
             Err(e) if started.elapsed() < Duration::from_secs(30) => {
-                assert!(matches!(e, CacheError::Backend { .. }), "{e:?}");
+                assert!(
+                    matches!(e, CacheError::Backend { .. } | CacheError::Timeout { .. }),
+                    "{e:?}"
+                );
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => panic!("still failing after 30 s: {e}"),
         }
     }
+}
+
+/// A server that does not answer within the command timeout (`CLIENT PAUSE`): each call is a
+/// `Timeout` naming the server, the operation, the key and the limit, and the service works
+/// again once the server answers.
+#[tokio::test]
+async fn a_stalled_server_is_a_timeout_error() {
+    let server = RedisServer::start();
+    let cache = service(server.url()).await;
+    cache.set("stall:k", &1u32, None).await.unwrap();
+    let port = server.port();
+    server
+        .command(&["CLIENT", "PAUSE", "1500", "ALL"])
+        .expect("CLIENT PAUSE");
+    let err = bounded("get on a stalled server", cache.get::<u32>("stall:k")).await;
+    match err {
+        Err(CacheError::Timeout {
+            ref backend,
+            operation,
+            ref key,
+            after,
+        }) => {
+            assert!(
+                backend.contains(&port.to_string()),
+                "names the server: {err:?}"
+            );
+            assert_eq!(operation, "get");
+            assert_eq!(key.shown(), "stall:k");
+            assert_eq!(after, COMMAND_TIMEOUT);
+        }
+        other => panic!("expected CacheError::Timeout, got {other:?}"),
+    }
+    assert_eq!(until_working(&cache, "stall:k").await, 7);
 }
 
 #[tokio::test]
@@ -148,7 +184,10 @@ async fn server_killed_mid_flight_then_restarted() {
                 match bounded("a call in flight", call).await {
                     Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
-                        assert!(matches!(e, CacheError::Backend { .. }), "{e:?}");
+                        assert!(
+                            matches!(e, CacheError::Backend { .. } | CacheError::Timeout { .. }),
+                            "{e:?}"
+                        );
                         assert!(e.to_string().contains("127.0.0.1"), "names the server: {e}");
                         failed.fetch_add(1, Ordering::Relaxed)
                     }
@@ -172,11 +211,24 @@ async fn server_killed_mid_flight_then_restarted() {
         "calls failed while the server was dead"
     );
 
-    // Dead server: each operation is a Backend error within the bound.
+    // Dead server: each operation is a Backend (or, while fred still waits to reconnect,
+    // Timeout) error within the bound.
     let err = bounded("invalidate_prefix", cache.invalidate_prefix("inflight:")).await;
-    assert!(matches!(err, Err(CacheError::Backend { .. })), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Err(CacheError::Backend { .. } | CacheError::Timeout { .. })
+        ),
+        "{err:?}"
+    );
     let err = bounded("invalidate", cache.invalidate("inflight:1")).await;
-    assert!(matches!(err, Err(CacheError::Backend { .. })), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Err(CacheError::Backend { .. } | CacheError::Timeout { .. })
+        ),
+        "{err:?}"
+    );
 
     server.restart();
     assert_eq!(until_working(&cache, "after-restart").await, 7);

@@ -5,7 +5,6 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -172,11 +171,6 @@ macro_rules! lock_suite {
     )+};
 }
 
-fn standalone() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start)
-}
-
 async fn redis_locks(url: String) -> RedisConcurrencyService {
     RedisConcurrencyService::new(&url).await.expect("connect")
 }
@@ -192,7 +186,7 @@ mod local_through_enum {
 }
 
 mod redis_standalone {
-    lock_suite!(super::redis_locks(super::standalone().url()).await);
+    lock_suite!(super::redis_locks(super::RedisServer::shared().url()).await);
 }
 
 mod redis_cluster {
@@ -201,7 +195,7 @@ mod redis_cluster {
 
 mod redis_through_arc_dyn {
     lock_suite!(
-        std::sync::Arc::new(super::redis_locks(super::standalone().url()).await)
+        std::sync::Arc::new(super::redis_locks(super::RedisServer::shared().url()).await)
             as std::sync::Arc<dyn cachet::ConcurrencyService>
     );
 }
@@ -237,7 +231,7 @@ async fn local_map_forgets_keys_nobody_uses() {
 /// of a counter stored in Redis: the exact count, so never two holders at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_never_hold_one_key_together() {
-    let url = standalone().url();
+    let url = RedisServer::shared().url();
     let counter_key = cachet::conformance::unique_prefix("rmw");
     let lock_key = format!("{counter_key}lock");
     let store = RedisCacheService::new(&url, 300).await.unwrap();
@@ -284,8 +278,8 @@ async fn two_instances_never_hold_one_key_together() {
 
 #[tokio::test]
 async fn a_holder_that_stops_renewing_loses_the_lock_and_cannot_delete_the_next() {
-    let a = redis_locks(standalone().url()).await;
-    let b = redis_locks(standalone().url()).await;
+    let a = redis_locks(RedisServer::shared().url()).await;
+    let b = redis_locks(RedisServer::shared().url()).await;
     let k = cachet::conformance::unique_prefix("stale");
     let short = LockOptions::default()
         .lease(Duration::from_millis(300))
@@ -313,8 +307,8 @@ async fn a_holder_that_stops_renewing_loses_the_lock_and_cannot_delete_the_next(
 
 #[tokio::test]
 async fn renewal_keeps_a_short_lease_alive() {
-    let a = redis_locks(standalone().url()).await;
-    let b = redis_locks(standalone().url()).await;
+    let a = redis_locks(RedisServer::shared().url()).await;
+    let b = redis_locks(RedisServer::shared().url()).await;
     let k = cachet::conformance::unique_prefix("renewed");
     let short = LockOptions::default().lease(Duration::from_millis(900));
     let held = a.acquire(&k, &short).await.unwrap();
@@ -331,7 +325,7 @@ async fn renewal_keeps_a_short_lease_alive() {
 
 #[tokio::test]
 async fn a_lock_taken_away_is_reported_lost() {
-    let locks = redis_locks(standalone().url()).await;
+    let locks = redis_locks(RedisServer::shared().url()).await;
     let k = cachet::conformance::unique_prefix("taken");
     let held = locks
         .acquire(
@@ -340,7 +334,7 @@ async fn a_lock_taken_away_is_reported_lost() {
         )
         .await
         .unwrap();
-    standalone().cli(&["DEL", &locks.lock_key(&k)]);
+    RedisServer::shared().cli(&["DEL", &locks.lock_key(&k)]);
     bounded("lost() after DEL", held.lost()).await;
     assert!(matches!(locks.with_lock(&k, async {}).await, Ok(())));
     assert!(matches!(
@@ -351,8 +345,8 @@ async fn a_lock_taken_away_is_reported_lost() {
 
 #[tokio::test]
 async fn fencing_tokens_increase_across_instances() {
-    let a = redis_locks(standalone().url()).await;
-    let b = redis_locks(standalone().url()).await;
+    let a = redis_locks(RedisServer::shared().url()).await;
+    let b = redis_locks(RedisServer::shared().url()).await;
     let k = cachet::conformance::unique_prefix("fence2");
     let mut last = 0;
     for i in 0..20 {
@@ -401,7 +395,7 @@ async fn a_dead_server_gives_backend_errors_not_hangs() {
 async fn build_concurrency_service_chooses_the_backend() {
     let local = cachet::build_concurrency_service(None).await.unwrap();
     assert!(format!("{local:?}").starts_with("LocalConcurrencyService"));
-    let redis = cachet::build_concurrency_service(Some(&standalone().url()))
+    let redis = cachet::build_concurrency_service(Some(&RedisServer::shared().url()))
         .await
         .unwrap();
     assert!(format!("{redis:?}").starts_with("RedisConcurrencyService"));
@@ -471,7 +465,8 @@ async fn nothing_the_lock_writes_lives_forever(url: String, servers: Vec<&RedisS
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_the_lock_writes_lives_forever_on_redis() {
-    nothing_the_lock_writes_lives_forever(standalone().url(), vec![standalone()]).await;
+    nothing_the_lock_writes_lives_forever(RedisServer::shared().url(), vec![RedisServer::shared()])
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -541,16 +536,20 @@ async fn fencing_tokens_never_go_back_when_the_counter_is_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_fencing_counter_expires_and_tokens_keep_rising() {
     let prefix = cachet::conformance::unique_prefix("idle");
-    let locks = redis_locks(standalone().url())
+    let locks = redis_locks(RedisServer::shared().url())
         .await
         .with_prefix(prefix.clone())
         .with_fence_idle(Duration::from_millis(300));
     let first = next_token(&locks, "k").await;
     let fence = locks.fence_key("k");
-    let ttl: i64 = standalone().cli(&["PTTL", &fence]).trim().parse().unwrap();
+    let ttl: i64 = RedisServer::shared()
+        .cli(&["PTTL", &fence])
+        .trim()
+        .parse()
+        .unwrap();
     assert!(ttl > 0 && ttl <= 300, "fence PTTL {ttl}");
     let deadline = std::time::Instant::now() + BOUND;
-    while standalone().cli(&["EXISTS", &fence]).trim() != "0" {
+    while RedisServer::shared().cli(&["EXISTS", &fence]).trim() != "0" {
         assert!(
             std::time::Instant::now() < deadline,
             "the counter never expired"
@@ -566,7 +565,7 @@ async fn an_idle_fencing_counter_expires_and_tokens_keep_rising() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancelled_acquisitions_do_not_orphan_the_lock() {
     use futures_util::FutureExt;
-    let locks = redis_locks(standalone().url()).await;
+    let locks = redis_locks(RedisServer::shared().url()).await;
     let k = cachet::conformance::unique_prefix("cancelled");
     let long = LockOptions::default().lease(Duration::from_secs(60));
     for i in 0..300u64 {
@@ -721,7 +720,7 @@ async fn a_holder_learns_of_its_lost_lease_before_anyone_else_can_hold_it() {
 /// the error (it may have had effects, like a rotated refresh token).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_lock_returns_the_work_output_with_a_lost_lease() {
-    let locks = redis_locks(standalone().url()).await;
+    let locks = redis_locks(RedisServer::shared().url()).await;
     let k = cachet::conformance::unique_prefix("output");
     let short = LockOptions::default()
         .lease(Duration::from_millis(200))
@@ -906,4 +905,52 @@ async fn a_restart_while_held_on_a_cluster_loses_the_lock_and_the_next_token_is_
         "{next} <= {}",
         held.fencing_token()
     );
+}
+
+/// One pool for the cache and the locks: the lock service built from a cache service (or its
+/// connection) opens no connection of its own, both work through it, and the connection
+/// outlives the cache while the locks still use it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_service_and_the_cache_service_share_one_connection() {
+    use cachet::CacheServiceExt;
+
+    let server = RedisServer::start();
+    // `redis-cli CLIENT LIST` counts its own connection too; only the difference matters.
+    let clients = || server.cli(&["CLIENT", "LIST"]).lines().count();
+    let cache = RedisCacheService::builder(server.url())
+        .pool_size(2)
+        .build()
+        .await
+        .unwrap();
+    let with_cache = clients();
+    let locks = RedisConcurrencyService::from_connection(&cache);
+    let also = RedisConcurrencyService::from_connection(cache.connection().clone());
+    assert!(locks.connection().same_connection(cache.connection()));
+    assert!(also.connection().same_connection(cache.connection()));
+
+    let stored = locks
+        .with_lock("shared:report", async {
+            cache.set("shared:report", &"done", None).await.unwrap();
+            cache.get::<String>("shared:report").await.unwrap()
+        })
+        .await
+        .unwrap();
+    assert_eq!(stored.as_deref(), Some("done"));
+    assert_eq!(
+        clients(),
+        with_cache,
+        "the locks opened connections of their own"
+    );
+
+    // A second cache on the locks' connection, then the first cache gone: the pool lives on.
+    let again = RedisCacheService::from_connection(locks.connection().clone(), 60).unwrap();
+    drop(cache);
+    let read = also
+        .with_lock("shared:report", async {
+            again.get::<String>("shared:report").await.unwrap()
+        })
+        .await
+        .unwrap();
+    assert_eq!(read.as_deref(), Some("done"));
+    assert_eq!(clients(), with_cache);
 }

@@ -3,8 +3,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
-
 use cachet::conformance::model::{Op, run_on_model, run_on_service};
 use cachet::conformance::unique_prefix;
 use cachet::{CacheService, MokaCacheService, RedisCacheService};
@@ -43,11 +41,6 @@ proptest! {
     }
 }
 
-fn redis() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
 
@@ -55,7 +48,7 @@ proptest! {
     fn redis_matches_moka(ops in proptest::collection::vec(op(), 1..60)) {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (on_redis, on_moka) = runtime.block_on(async {
-            let redis = RedisCacheService::new(&redis().url(), 300).await.unwrap();
+            let redis = RedisCacheService::new(&RedisServer::shared().url(), 300).await.unwrap();
             let moka = MokaCacheService::default();
             let prefix = unique_prefix("model-redis");
             (

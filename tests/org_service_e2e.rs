@@ -330,13 +330,12 @@ async fn concurrent_first_requests_reach_the_store_at_most_once_per_instance() {
     assert!(a_loads + b_loads >= 1);
 
     // Redis holds the org under both keys, encrypted: the secret is in no value.
-    let keys = deployment.redis.request(&["KEYS", "*"]).unwrap();
-    let names: Vec<String> = keys.items().iter().map(|k| k.to_text()).collect();
+    let names: Vec<String> = deployment.redis.query(&["KEYS", "*"]).unwrap();
     assert!(names.iter().any(|k| k == "org:globex"), "{names:?}");
     assert!(names.iter().any(|k| k == "org:id:7"), "{names:?}");
     for name in &names {
-        if let support::Resp::Bulk(Some(value)) = deployment.redis.request(&["GET", name]).unwrap()
-        {
+        let value: Option<Vec<u8>> = deployment.redis.query(&["GET", name]).unwrap();
+        if let Some(value) = value {
             assert!(
                 !value.windows(7).any(|w| w == b"hunter2"),
                 "the org secret in plaintext under {name}"
@@ -440,8 +439,7 @@ async fn without_redis_one_instance_runs_on_the_in_memory_cache() {
 
 /// Every key of the deployment's Redis.
 fn redis_keys(redis: &RedisServer) -> Vec<String> {
-    let keys = redis.request(&["KEYS", "*"]).unwrap();
-    keys.items().iter().map(|k| k.to_text()).collect()
+    redis.query(&["KEYS", "*"]).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,8 +498,8 @@ async fn an_api_key_is_validated_once_and_cached_under_its_hmac_on_both_instance
     );
     // And no value holds the secret (values are encrypted; the claims hold no secret anyway).
     for name in &names {
-        if let support::Resp::Bulk(Some(value)) = deployment.redis.request(&["GET", name]).unwrap()
-        {
+        let value: Option<Vec<u8>> = deployment.redis.query(&["GET", name]).unwrap();
+        if let Some(value) = value {
             assert!(
                 !value.windows(11).any(|w| w == b"acme-s3cr3t"),
                 "the org secret in plaintext under {name}"

@@ -7,6 +7,7 @@ use cachet::{
     CacheSettings, RedisCacheService, RedisConcurrencyService, TieredCacheService,
     build_cache_service, build_concurrency_service,
 };
+use support::MemoryOrgStore;
 
 const SECRET: &str = "hunter2-s3cret";
 
@@ -139,14 +140,6 @@ async fn keyed_token_digests_resist_offline_guessing() {
     assert_eq!(tokens.get(api_key).await.unwrap(), None);
 }
 
-/// An org store that matches slugs case-insensitively (most databases' default collation)
-/// and records every identifier it was handed.
-#[derive(Default, Clone)]
-struct CollatingStore {
-    suspended: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    asked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 struct Org {
     id: String,
@@ -163,26 +156,17 @@ impl cachet::org::OrgIdentity for Org {
     }
 }
 
-impl cachet::org::OrgStore for CollatingStore {
-    type Context = Org;
-    type Error = std::io::Error;
-    async fn load_by_slug(&self, slug: &str) -> Result<Option<Org>, std::io::Error> {
-        self.asked.lock().unwrap().push(slug.to_owned());
-        Ok(slug.eq_ignore_ascii_case("acme").then(|| self.acme()))
-    }
-    async fn load_by_id(&self, id: &str) -> Result<Option<Org>, std::io::Error> {
-        self.asked.lock().unwrap().push(id.to_owned());
-        Ok((id == "42").then(|| self.acme()))
-    }
+/// An org store that matches slugs case-insensitively (most databases' default collation)
+/// and records every identifier it was handed; it holds acme (id 42), active.
+fn collating_store() -> MemoryOrgStore<Org> {
+    MemoryOrgStore::with([acme(false)]).collating()
 }
 
-impl CollatingStore {
-    fn acme(&self) -> Org {
-        Org {
-            id: "42".into(),
-            slug: "acme".into(),
-            suspended: self.suspended.load(std::sync::atomic::Ordering::SeqCst),
-        }
+fn acme(suspended: bool) -> Org {
+    Org {
+        id: "42".into(),
+        slug: "acme".into(),
+        suspended,
     }
 }
 
@@ -194,20 +178,14 @@ async fn every_spelling_of_a_slug_shares_one_entry_and_one_invalidation() {
     use std::sync::Arc;
     let server = support::RedisServer::start();
     let cache = Arc::new(RedisCacheService::new(&server.url(), 300).await.unwrap());
-    let store = CollatingStore::default();
+    let store = collating_store();
     let orgs = cachet::OrgResolver::new(cache, store.clone());
     for spelling in ["acme", "Acme", "ACME"] {
         let org = orgs.by_slug(spelling).await.unwrap().expect("found");
         assert!(!org.context.suspended);
     }
-    assert_eq!(
-        store.asked.lock().unwrap().len(),
-        1,
-        "one load for every spelling"
-    );
-    store
-        .suspended
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(store.asked().len(), 1, "one load for every spelling");
+    store.put(acme(true));
     orgs.invalidate_org("acme", "42").await.unwrap();
     for spelling in ["acme", "Acme", "ACME", "aCmE"] {
         let org = orgs.by_slug(spelling).await.unwrap().expect("found");
@@ -225,7 +203,7 @@ async fn every_spelling_of_a_slug_shares_one_entry_and_one_invalidation() {
 async fn path_like_identifiers_never_reach_the_store() {
     use std::sync::Arc;
     let cache = Arc::new(cachet::MokaCacheService::default());
-    let store = CollatingStore::default();
+    let store = collating_store();
     let orgs = cachet::OrgResolver::new(cache.clone(), store.clone());
     let too_long_slug = "a".repeat(64);
     let too_long_id = "1".repeat(129);
@@ -259,9 +237,9 @@ async fn path_like_identifiers_never_reach_the_store() {
         }
     }
     assert!(
-        store.asked.lock().unwrap().is_empty(),
+        store.asked().is_empty(),
         "the store was handed {:?}",
-        store.asked.lock().unwrap()
+        store.asked()
     );
     cache.run_pending_tasks();
     assert_eq!(cache.entry_count(), 0);
@@ -321,52 +299,21 @@ async fn apps_in_other_namespaces_cannot_clear_each_others_l1() {
     );
 }
 
-/// An org store with `hot` orgs (`hot-0`, `hot-1`, …); every other slug is unknown. Counts
-/// the loads.
-#[derive(Clone)]
-struct HotOrgs {
-    hot: usize,
-    loads: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-}
-
-impl HotOrgs {
-    fn new(hot: usize) -> Self {
-        HotOrgs {
-            hot,
-            loads: Default::default(),
-        }
-    }
-    fn loads(&self) -> usize {
-        self.loads.load(std::sync::atomic::Ordering::SeqCst)
-    }
-    fn org(&self, n: usize) -> Option<Org> {
-        (n < self.hot).then(|| Org {
-            id: n.to_string(),
-            slug: format!("hot-{n}"),
-            suspended: false,
-        })
-    }
-}
-
-impl cachet::org::OrgStore for HotOrgs {
-    type Context = Org;
-    type Error = std::io::Error;
-    async fn load_by_slug(&self, slug: &str) -> Result<Option<Org>, std::io::Error> {
-        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let n = slug.strip_prefix("hot-").and_then(|n| n.parse().ok());
-        Ok(n.and_then(|n| self.org(n)))
-    }
-    async fn load_by_id(&self, id: &str) -> Result<Option<Org>, std::io::Error> {
-        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(id.parse().ok().and_then(|n| self.org(n)))
-    }
+/// An org store with `hot` orgs (`hot-0`, `hot-1`, …, ids `0`, `1`, …); every other slug is
+/// unknown.
+fn hot_orgs(hot: usize) -> MemoryOrgStore<Org> {
+    MemoryOrgStore::with((0..hot).map(|n| Org {
+        id: n.to_string(),
+        slug: format!("hot-{n}"),
+        suspended: false,
+    }))
 }
 
 /// Resolves `hot-0..hot` and then `bogus` unique unknown slugs through `orgs`, and checks
 /// that the hot set is still served from the cache (not one more store load).
 async fn flood_of_unknown_slugs_keeps_the_hot_set<S>(
-    orgs: &cachet::OrgResolver<HotOrgs>,
-    store: &HotOrgs,
+    orgs: &cachet::OrgResolver<MemoryOrgStore<Org>>,
+    store: &MemoryOrgStore<Org>,
     hot: usize,
     bogus: usize,
     settle: S,
@@ -415,7 +362,7 @@ async fn unknown_slugs_cannot_evict_hot_orgs_in_memory() {
             .build()
             .unwrap(),
     );
-    let store = HotOrgs::new(hot);
+    let store = hot_orgs(hot);
     let orgs = cachet::OrgResolver::new(cache.clone(), store.clone());
     flood_of_unknown_slugs_keeps_the_hot_set(&orgs, &store, hot, 100_000, || {
         cache.run_pending_tasks()
@@ -453,7 +400,7 @@ async fn unknown_slugs_cannot_evict_hot_orgs_from_the_l1() {
             .wait_until_confirmed(std::time::Duration::from_secs(20))
             .await
     );
-    let store = HotOrgs::new(hot);
+    let store = hot_orgs(hot);
     let orgs = cachet::OrgResolver::new(tiered.clone(), store.clone());
     // 20,000: twenty times the L1 (the in-memory test above floods the same store type with
     // 100,000; through Redis in a debug build each unknown slug costs three round trips).

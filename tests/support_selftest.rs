@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use support::{RedisCluster, RedisServer, SentinelSetup, free_port, resp_command};
+use support::{RedisCluster, RedisServer, SentinelSetup, free_port, port_command};
 
 fn process_alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; count only processes that are not zombies.
@@ -63,7 +63,7 @@ fn standalone_starts_restarts_on_the_same_port_and_cleans_up() {
     eprintln!("standalone start: {:?}", started.elapsed());
     let port = server.port();
     assert_eq!(server.url(), format!("redis://127.0.0.1:{port}"));
-    assert_eq!(resp_command(port, &["PING"]).unwrap(), "PONG");
+    assert_eq!(port_command(port, &["PING"]).unwrap(), "PONG");
     assert_eq!(server.cli(&["PING"]).trim(), "PONG");
     assert_eq!(server.cli(&["SET", "k", "v"]).trim(), "OK");
     assert_eq!(server.command(&["GET", "k"]).unwrap(), "v");
@@ -82,12 +82,12 @@ fn standalone_starts_restarts_on_the_same_port_and_cleans_up() {
     assert_eq!(server.port(), port);
     assert_ne!(server.pid().unwrap(), first_pid);
     assert!(!process_alive(first_pid));
-    assert_eq!(resp_command(port, &["PING"]).unwrap(), "PONG");
+    assert_eq!(port_command(port, &["PING"]).unwrap(), "PONG");
     assert_eq!(server.command(&["GET", "k"]).unwrap(), "", "no persistence");
 
     server.kill();
     assert!(!server.is_running());
-    assert!(resp_command(port, &["PING"]).is_err());
+    assert!(port_command(port, &["PING"]).is_err());
     server.restart();
     assert!(server.is_running());
 
@@ -96,7 +96,7 @@ fn standalone_starts_restarts_on_the_same_port_and_cleans_up() {
     eprintln!("standalone graceful stop: {:?}", started.elapsed());
     assert!(!server.is_running());
     server.restart();
-    assert_eq!(resp_command(port, &["PING"]).unwrap(), "PONG");
+    assert_eq!(port_command(port, &["PING"]).unwrap(), "PONG");
 
     let pid = server.pid().unwrap();
     let dir = server.dir().to_path_buf();
@@ -138,7 +138,7 @@ fn password_and_acl_arguments_are_passed_through() {
             "+@all",
         ],
     );
-    let err = resp_command(server.port(), &["GET", "k"]).unwrap_err();
+    let err = port_command(server.port(), &["GET", "k"]).unwrap_err();
     assert!(err.contains("NOAUTH"), "{err}");
     assert_eq!(server.command(&["PING"]).unwrap(), "PONG");
     assert_eq!(server.cli(&["PING"]).trim(), "PONG");
@@ -179,6 +179,60 @@ fn valkey_starts_and_says_it_is_valkey() {
     server.restart();
     eprintln!("valkey restart: {:?}", started.elapsed());
     assert_eq!(server.cli(&["PING"]).trim(), "PONG");
+}
+
+#[test]
+fn shared_servers_are_one_per_binary_and_replies_convert_with_the_redis_crate() {
+    let server = RedisServer::shared();
+    assert!(std::ptr::eq(server, RedisServer::shared()));
+    let valkey = RedisServer::shared_valkey();
+    assert!(std::ptr::eq(valkey, RedisServer::shared_valkey()));
+    assert_ne!(server.port(), valkey.port());
+    assert_eq!(
+        valkey.info_field("server", "server_name").as_deref(),
+        Some("valkey")
+    );
+
+    // Keys of this test only: other tests of the binary share the server.
+    let (key, list) = ("selftest:replies:string", "selftest:replies:list");
+    assert_eq!(server.command(&["SET", key, "v"]).unwrap(), "OK");
+    assert_eq!(
+        server.query::<Option<Vec<u8>>>(&["GET", key]).unwrap(),
+        Some(b"v".to_vec())
+    );
+    assert_eq!(
+        server
+            .query::<Option<String>>(&["GET", "selftest:replies:missing"])
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        server
+            .command(&["GET", "selftest:replies:missing"])
+            .unwrap(),
+        ""
+    );
+    assert_eq!(server.command(&["RPUSH", list, "a", "b"]).unwrap(), "2");
+    assert_eq!(
+        server.command(&["LRANGE", list, "0", "-1"]).unwrap(),
+        "a\nb"
+    );
+    let err = server.command(&["INCR", key]).unwrap_err();
+    assert!(err.contains("not an integer"), "{err}");
+    assert!(err.contains(&server.addr()), "{err}");
+    let err = server.query::<i64>(&["GET", key]).unwrap_err();
+    assert!(
+        err.contains("GET"),
+        "a reply of another type is an error: {err}"
+    );
+
+    let mut connection = server.connection().unwrap();
+    let deleted: i64 = redis::cmd("DEL")
+        .arg(key)
+        .arg(list)
+        .query(&mut connection)
+        .unwrap();
+    assert_eq!(deleted, 2);
 }
 
 #[test]

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use cachet::backend::tiered::InvalidationMode;
@@ -13,11 +12,6 @@ use cachet::{CacheService, CacheServiceExt, RedisCacheService, TieredCacheServic
 use support::{RedisCluster, RedisServer};
 
 const DELIVERY: Duration = Duration::from_secs(10);
-
-fn standalone() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start)
-}
 
 /// A bus-mode instance: this file checks the pub/sub bus (tests/tracking.rs checks the
 /// tracking mode).
@@ -36,7 +30,9 @@ async fn conformance_instance(url: String) -> TieredCacheService {
 }
 
 mod tiered_standalone {
-    cachet::conformance_tests!(super::conformance_instance(super::standalone().url()).await);
+    cachet::conformance_tests!(
+        super::conformance_instance(super::RedisServer::shared().url()).await
+    );
 }
 
 mod tiered_cluster {
@@ -47,7 +43,7 @@ mod tiered_cluster {
 
 mod tiered_through_enum {
     cachet::conformance_tests!(cachet::Cache::from(
-        super::conformance_instance(super::standalone().url()).await
+        super::conformance_instance(super::RedisServer::shared().url()).await
     ));
 }
 
@@ -55,7 +51,7 @@ async fn instances(n: usize) -> (Vec<TieredCacheService>, String) {
     let channel = cachet::conformance::unique_prefix("bus");
     let mut all = Vec::new();
     for _ in 0..n {
-        all.push(instance(standalone().url(), &channel).await);
+        all.push(instance(RedisServer::shared().url(), &channel).await);
     }
     (all, cachet::conformance::unique_prefix("tiered"))
 }
@@ -167,8 +163,8 @@ async fn an_instance_skips_its_own_messages() {
 async fn a_malformed_message_is_ignored() {
     let (all, prefix) = instances(2).await;
     let (a, b) = (&all[0], &all[1]);
-    standalone().cli(&["PUBLISH", b.channel().unwrap(), "garbage"]);
-    standalone().cli(&["PUBLISH", b.channel().unwrap(), "CI\u{1}short"]);
+    RedisServer::shared().cli(&["PUBLISH", b.channel().unwrap(), "garbage"]);
+    RedisServer::shared().cli(&["PUBLISH", b.channel().unwrap(), "CI\u{1}short"]);
     let key = format!("{prefix}k");
     a.set(&key, &1, None).await.unwrap();
     assert!(
@@ -180,17 +176,23 @@ async fn a_malformed_message_is_ignored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_envelope_is_a_serialization_error() {
+async fn a_corrupt_envelope_is_an_integrity_error() {
     let (all, prefix) = instances(1).await;
     let key = format!("{prefix}raw");
-    standalone().cli(&["SET", &key, "not an envelope"]);
+    RedisServer::shared().cli(&["SET", &key, "not an envelope"]);
     let err = all[0].get_bytes(&key).await.unwrap_err();
     assert!(
-        matches!(err, cachet::CacheError::Serialization { .. }),
+        matches!(
+            err,
+            cachet::CacheError::Integrity {
+                problem: cachet::IntegrityProblem::BadMagic,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(
-        standalone().cli(&["GET", &key]).trim(),
+        RedisServer::shared().cli(&["GET", &key]).trim(),
         "not an envelope",
         "left in place"
     );
@@ -258,7 +260,7 @@ async fn a_redis_restart_clears_every_l1_and_service_recovers() {
 
 #[tokio::test]
 async fn settings_choose_the_tiered_backend_with_an_l1_ttl() {
-    let url = standalone().url();
+    let url = RedisServer::shared().url();
     let settings = cachet::CacheSettings::from_vars(|name| match name {
         "REDIS_URL" => Some(url.clone()),
         "CACHE_L1_TTL_SECS" => Some("5".to_owned()),
@@ -280,14 +282,14 @@ async fn settings_choose_the_tiered_backend_with_an_l1_ttl() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_or_drop_stops_the_listener_and_subscription() {
     let channel_prefix = cachet::conformance::unique_prefix("drop");
-    let a = instance(standalone().url(), &channel_prefix).await;
+    let a = instance(RedisServer::shared().url(), &channel_prefix).await;
     let channel = a.channel().unwrap().to_owned();
     let subscribers = || {
-        let reply = standalone().cli(&["PUBSUB", "NUMSUB", &channel]);
+        let reply = RedisServer::shared().cli(&["PUBSUB", "NUMSUB", &channel]);
         reply.lines().last().unwrap_or("").trim().to_owned()
     };
     assert_eq!(subscribers(), "1");
-    let b = instance(standalone().url(), &channel_prefix).await;
+    let b = instance(RedisServer::shared().url(), &channel_prefix).await;
     assert_eq!(subscribers(), "2");
     b.shutdown().await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);

@@ -7,7 +7,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cachet::backend::tiered::InvalidationMode;
@@ -18,16 +17,6 @@ use support::{Proxy, RedisCluster, RedisServer, SentinelSetup};
 
 /// Bound on anything that should take milliseconds: only a hang reaches it.
 const HANG: Duration = Duration::from_secs(20);
-
-fn standalone() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start)
-}
-
-fn valkey() -> &'static RedisServer {
-    static SERVER: OnceLock<RedisServer> = OnceLock::new();
-    SERVER.get_or_init(RedisServer::start_valkey)
-}
 
 fn fast(url: String) -> cachet::RedisCacheServiceBuilder {
     RedisCacheService::builder(url)
@@ -46,7 +35,7 @@ async fn tracked(url: String) -> TieredCacheService {
 }
 
 mod tracking_standalone {
-    cachet::conformance_tests!(super::tracked(super::standalone().url()).await);
+    cachet::conformance_tests!(super::tracked(super::RedisServer::shared().url()).await);
 }
 
 mod tracking_cluster {
@@ -54,7 +43,7 @@ mod tracking_cluster {
 }
 
 mod tracking_valkey {
-    cachet::conformance_tests!(super::tracked(super::valkey().url()).await);
+    cachet::conformance_tests!(super::tracked(super::RedisServer::shared_valkey().url()).await);
 }
 
 /// Waits (bounded) until `instance` no longer holds `key` in its L1.
@@ -106,7 +95,7 @@ async fn external_writes_reach_every_l1(url: String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_writes_reach_every_l1_on_redis() {
-    external_writes_reach_every_l1(standalone().url()).await;
+    external_writes_reach_every_l1(RedisServer::shared().url()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,7 +105,7 @@ async fn external_writes_reach_every_l1_on_a_cluster() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn external_writes_reach_every_l1_on_valkey() {
-    external_writes_reach_every_l1(valkey().url()).await;
+    external_writes_reach_every_l1(RedisServer::shared_valkey().url()).await;
 }
 
 /// `FLUSHALL` or `FLUSHDB` by a plain client empties every instance's L1: the server reports

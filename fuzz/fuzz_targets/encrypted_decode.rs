@@ -1,6 +1,6 @@
 //! Arbitrary bytes read through `EncryptedCacheService` (stored raw in the inner service, then
 //! read back through the decorator, both `get_bytes` and the `get_bytes_now` fast path):
-//! never a panic, always `CacheError::Serialization` naming the key, and the stored bytes stay
+//! never a panic, always `CacheError::Integrity` naming the key, and the stored bytes stay
 //! as they were. Each input is also tried behind a valid header of both envelope versions (1:
 //! AES-256-GCM; 2: AES-256-GCM-SIV with an authenticated expiry) for a current, a previous
 //! and an unknown key id, so that the paths past the magic and version checks (key lookup, tag
@@ -101,10 +101,10 @@ fn check_answer(stored: &Bytes, answer: Result<Option<Bytes>, CacheError>) {
         }
         // A miss only for a version-2 value (past its expiry), which needs a forged tag too.
         Ok(None) => assert_eq!(stored[2], VERSION),
-        Err(e @ CacheError::Serialization { .. }) => {
+        Err(e @ CacheError::Integrity { .. }) => {
             assert!(e.to_string().contains(KEY), "names the key: {e}");
         }
-        other => panic!("expected a Serialization error, got {other:?}"),
+        other => panic!("expected an Integrity error, got {other:?}"),
     }
 }
 

@@ -10,7 +10,10 @@ use enum_dispatch::enum_dispatch;
 
 pub use moka::{MokaCacheService, MokaCacheServiceBuilder};
 #[cfg(feature = "redis")]
-pub use redis::{RedisCacheService, RedisCacheServiceBuilder, redact_url};
+pub use redis::{
+    RedisCacheService, RedisCacheServiceBuilder, RedisConnection, RedisConnectionBuilder,
+    redact_url,
+};
 #[cfg(feature = "redis")]
 pub use tiered::{TieredCacheService, TieredCacheServiceBuilder};
 // `enum_dispatch` writes `impl CacheService for Cache` here, after the trait (declared first

@@ -9,14 +9,14 @@
 //! framed value cannot be mistaken for a plain one; the typed
 //! [`get`](crate::CacheServiceExt::get) understands both, and a framed value that is past its
 //! freshness, or absent, reads as `None` there. Anything malformed is a
-//! [`CacheError::Serialization`], never a panic (a fuzz target checks it).
+//! [`CacheError::Integrity`], never a panic (a fuzz target checks it).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::de::DeserializeOwned;
 
-use crate::{CacheError, codec};
+use crate::{CacheError, IntegrityProblem, codec};
 
 /// The first bytes of every framed value.
 pub const MAGIC: &[u8; 3] = b"\0cf";
@@ -130,37 +130,37 @@ impl Frame {
         out.freeze()
     }
 
-    /// Reads a frame; anything malformed is [`CacheError::Serialization`] naming `key`.
+    /// Reads a frame; anything malformed is [`CacheError::Integrity`] naming `key` (layer
+    /// `"frame"`).
     ///
     /// ```
     /// use bytes::Bytes;
     /// use cachet::{load::Frame, CacheError};
     ///
     /// let err = Frame::decode("k", &Bytes::from_static(b"\0cf\x09")).unwrap_err();
-    /// assert!(matches!(err, CacheError::Serialization { .. }));
+    /// assert!(matches!(err, CacheError::Integrity { layer: "frame", .. }));
     /// ```
     pub fn decode(key: &str, stored: &Bytes) -> Result<Frame, CacheError> {
-        let bad = |what: String| CacheError::serialization::<Frame>(key, "decode", what);
+        let bad = |problem| CacheError::integrity(key, "frame", problem);
         if stored.len() < HEADER_LEN {
-            return Err(bad(format!(
-                "{} bytes is shorter than the {HEADER_LEN}-byte frame header",
-                stored.len()
-            )));
+            return Err(bad(IntegrityProblem::Truncated));
         }
         if &stored[..3] != MAGIC {
-            return Err(bad("not a cachet frame (bad magic)".to_owned()));
+            return Err(bad(IntegrityProblem::BadMagic));
         }
         if stored[3] != VERSION {
-            return Err(bad(format!("frame version {} is not supported", stored[3])));
+            return Err(bad(IntegrityProblem::UnknownVersion(stored[3])));
         }
         let flags = stored[4];
         if flags & !(FLAG_ABSENT | FLAG_STALE) != 0 || flags == FLAG_ABSENT | FLAG_STALE {
-            return Err(bad(format!("unknown frame flags {flags:#04x}")));
+            return Err(bad(IntegrityProblem::Malformed("flags")));
         }
         let absent = flags & FLAG_ABSENT != 0;
         let stale = flags & FLAG_STALE != 0;
         if absent && stored.len() != HEADER_LEN {
-            return Err(bad("an absent frame carries a payload".to_owned()));
+            return Err(bad(IntegrityProblem::Malformed(
+                "absent marker (it carries a payload)",
+            )));
         }
         let mut word = [0u8; 8];
         word.copy_from_slice(&stored[5..13]);
@@ -191,6 +191,9 @@ impl Frame {
 /// let stale = Frame::value(Bytes::from_static(b"7"), now_ms() - 1, now_ms() + 120_000);
 /// assert_eq!(decode_stored::<u32>("k", &stale.encode()).unwrap(), None);
 /// ```
+///
+/// A value fail-safe served past its TTL and keeps for a throttle time (flagged stale) reads
+/// as `None` too: only cache-aside serves it, and says so ([`LoadSource::Stale`](crate::LoadSource::Stale)).
 pub fn decode_stored<T: DeserializeOwned>(
     key: &str,
     stored: &Bytes,
@@ -199,7 +202,9 @@ pub fn decode_stored<T: DeserializeOwned>(
         return codec::decode(key, stored).map(Some);
     }
     let frame = Frame::decode(key, stored)?;
-    if frame.absent || !frame.is_fresh(now_ms()) {
+    // A value fail-safe re-stored past its TTL (flagged stale, fresh only for the throttle
+    // time) is cache-aside's to serve, as `LoadSource::Stale`; a plain read never sees it.
+    if frame.absent || frame.stale || !frame.is_fresh(now_ms()) {
         return Ok(None);
     }
     codec::decode(key, &frame.payload).map(Some)
@@ -248,7 +253,7 @@ mod tests {
         ] {
             let err = Frame::decode("org:acme", &bad).unwrap_err();
             assert!(
-                matches!(err, CacheError::Serialization { .. }),
+                matches!(err, CacheError::Integrity { layer: "frame", .. }),
                 "{bad:?}: {err}"
             );
             assert!(err.to_string().contains("org:acme"), "{err}");
@@ -263,5 +268,12 @@ mod tests {
         let corrupt_payload = Frame::value(Bytes::from_static(b"nope"), now + 60_000, now + 60_000);
         assert!(decode_stored::<u32>("k", &corrupt_payload.encode()).is_err());
         assert!(decode_stored::<u32>("k", &Bytes::from_static(b"\0")).is_err());
+        // Served by fail-safe past its TTL, kept for the throttle time: not for plain reads.
+        let mut throttled = Frame::value(Bytes::from_static(b"7"), now + 60_000, now + 120_000);
+        throttled.stale = true;
+        assert_eq!(
+            decode_stored::<u32>("k", &throttled.encode()).unwrap(),
+            None
+        );
     }
 }

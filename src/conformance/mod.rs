@@ -1,8 +1,10 @@
-//! The behaviour every [`CacheService`] shares, as one suite of checks (feature
-//! `conformance`).
+//! The behaviour every [`CacheService`](crate::CacheService) shares, as one suite of checks
+//! (feature `conformance`): the contract itself (round trips, TTLs, invalidation, bad bytes,
+//! unusual keys and values), the lease rule, and cache-aside (single flight, loader errors,
+//! negative caching, fail-safe, load timeouts).
 //!
 //! Each check is a `pub async fn(&dyn CacheService, prefix)` that panics with a message
-//! naming what broke. Every key a check touches starts with `prefix`, so checks can run in
+//! naming what broke; [`CHECKS`] lists them all. Every key a check touches starts with `prefix`, so checks can run in
 //! parallel against one shared server without flushing it: give each a fresh
 //! [`unique_prefix`]. [`conformance_tests!`](crate::conformance_tests) turns the whole suite
 //! into one `#[tokio::test]` per check for a given backend.
@@ -22,56 +24,108 @@
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
-use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::{CacheError, CacheService, CacheServiceExt};
+use crate::CacheError;
 
-/// The names of every check, in the order [`conformance_tests!`](crate::conformance_tests)
-/// runs them.
-pub const CHECKS: &[&str] = &[
-    "typed_round_trip",
-    "typed_primitives_round_trip",
-    "stored_null_is_not_missing",
-    "missing_key_is_none",
-    "overwrite_replaces_value",
-    "ttl_expires_entry",
-    "default_ttl_outlives_short_ttl",
-    "overwrite_resets_ttl",
-    "zero_ttl_is_invalid_argument",
-    "too_long_ttl_is_invalid_argument",
-    "invalidate_removes_exactly_one_key",
-    "invalidate_missing_key_is_ok",
-    "invalidate_prefix_counts_removed",
-    "invalidate_prefix_is_literal",
-    "invalidate_prefix_without_match_is_zero",
-    "invalidate_prefix_skips_expired",
-    "corrupt_bytes_are_serialization_error",
-    "wrong_type_is_serialization_error",
-    "empty_key",
-    "unusual_keys",
-    "huge_key",
-    "empty_value",
-    "binary_value",
-    "huge_value",
-    "concurrent_tasks",
-    "lease_on_a_missing_key_reads_as_a_miss",
-    "lease_is_voided_by_set_invalidate_and_prefix",
-    "released_lease_frees_the_key",
-    "lease_expires_unless_renewed",
-    "renewal_never_takes_a_voided_lease",
-    "lease_replaces_only_the_value_seen",
-    "dropped_lease_is_released",
-    "load_overtaken_by_an_invalidation_is_not_cached",
-    "load_overtaken_by_a_set_keeps_the_set",
-];
+/// Declares the suite: for each file of checks, the names of its `pub async fn` checks.
+///
+/// From this one list come the public re-exports (`conformance::<check>`), [`CHECKS`], and
+/// the hidden exported macro `__cachet_conformance_checks!` through which
+/// [`conformance_tests!`](crate::conformance_tests) generates one test per check. A name
+/// listed without its function does not resolve, and a check left out of the list is dead
+/// code (denied on the check modules): either way the crate does not build, so the list
+/// cannot drift from the checks.
+///
+/// `$d` is a `$` token the macro passes to itself (as `[$]`), so that the macro it defines
+/// can have metavariables of its own.
+macro_rules! checks {
+    (@with [$d:tt] $($file:ident: $($check:ident),+ $(,)?;)+) => {
+        $(pub use self::$file::{$($check),+};)+
 
-/// Generates one `#[tokio::test]` per conformance check, each on a fresh service built by
-/// `$make` (an expression evaluated inside the async test; it may `.await`) and with its own
-/// key prefix. The caller's crate needs `tokio` with the `macros` and `rt-multi-thread`
-/// features.
+        /// The names of every check, in the order
+        /// [`conformance_tests!`](crate::conformance_tests) generates their tests.
+        pub const CHECKS: &[&str] = &[$($(stringify!($check)),+),+];
+
+        /// Calls `callback! { args.. check check .. }` with the name of every check, in the
+        /// order of [`CHECKS`](crate::conformance::CHECKS). Used by
+        /// [`conformance_tests!`](crate::conformance_tests); not an API of its own.
+        #[doc(hidden)]
+        #[macro_export]
+        macro_rules! __cachet_conformance_checks {
+            ($d($d callback:ident)::+ ! { $d($d args:tt)* }) => {
+                $d($d callback)::+ ! { $d($d args)* $($($check)+)+ }
+            };
+        }
+    };
+    ($($files:tt)+) => {
+        checks!(@with [$] $($files)+);
+    };
+}
+
+checks! {
+    basic:
+        typed_round_trip,
+        typed_primitives_round_trip,
+        stored_null_is_not_missing,
+        missing_key_is_none,
+        overwrite_replaces_value,
+        ttl_expires_entry,
+        default_ttl_outlives_short_ttl,
+        overwrite_resets_ttl,
+        zero_ttl_is_invalid_argument,
+        too_long_ttl_is_invalid_argument,
+        invalidate_removes_exactly_one_key,
+        invalidate_missing_key_is_ok,
+        invalidate_prefix_counts_removed,
+        invalidate_prefix_is_literal,
+        invalidate_prefix_without_match_is_zero,
+        invalidate_prefix_skips_expired,
+        corrupt_bytes_are_serialization_error,
+        wrong_type_is_serialization_error,
+        empty_key,
+        unusual_keys,
+        huge_key,
+        empty_value,
+        binary_value,
+        huge_value,
+        concurrent_tasks;
+    leases:
+        lease_on_a_missing_key_reads_as_a_miss,
+        lease_is_voided_by_set_invalidate_and_prefix,
+        released_lease_frees_the_key,
+        lease_expires_unless_renewed,
+        renewal_never_takes_a_voided_lease,
+        lease_replaces_only_the_value_seen,
+        dropped_lease_is_released,
+        load_overtaken_by_an_invalidation_is_not_cached,
+        load_overtaken_by_a_set_keeps_the_set;
+    load:
+        concurrent_misses_load_once,
+        load_sources_say_where_the_value_came_from,
+        loader_error_reaches_every_waiter_and_is_not_cached,
+        a_cancelled_leader_hands_over,
+        hits_do_not_call_the_loader,
+        not_found_is_cached_only_when_asked,
+        fail_safe_serves_the_last_value_within_its_grace,
+        a_slow_loader_times_out_for_every_caller,
+        corrupt_entries_are_reloaded_and_overwritten,
+        invalid_options_are_errors;
+}
+
+#[deny(dead_code)]
+mod basic;
+#[deny(dead_code)]
+mod leases;
+#[deny(dead_code)]
+mod load;
+pub mod model;
+
+/// Generates one `#[tokio::test]` per conformance check (see [`CHECKS`]), each on a fresh
+/// service built by `$make` (an expression evaluated inside the async test; it may `.await`)
+/// and with its own key prefix. The caller's crate needs `tokio` with the `macros` and
+/// `rt-multi-thread` features.
 ///
 /// ```no_run
 /// mod moka {
@@ -81,44 +135,9 @@ pub const CHECKS: &[&str] = &[
 #[macro_export]
 macro_rules! conformance_tests {
     ($make:expr) => {
-        $crate::conformance_tests!(@each $make;
-            typed_round_trip,
-            typed_primitives_round_trip,
-            stored_null_is_not_missing,
-            missing_key_is_none,
-            overwrite_replaces_value,
-            ttl_expires_entry,
-            default_ttl_outlives_short_ttl,
-            overwrite_resets_ttl,
-            zero_ttl_is_invalid_argument,
-            too_long_ttl_is_invalid_argument,
-            invalidate_removes_exactly_one_key,
-            invalidate_missing_key_is_ok,
-            invalidate_prefix_counts_removed,
-            invalidate_prefix_is_literal,
-            invalidate_prefix_without_match_is_zero,
-            invalidate_prefix_skips_expired,
-            corrupt_bytes_are_serialization_error,
-            wrong_type_is_serialization_error,
-            empty_key,
-            unusual_keys,
-            huge_key,
-            empty_value,
-            binary_value,
-            huge_value,
-            concurrent_tasks,
-            lease_on_a_missing_key_reads_as_a_miss,
-            lease_is_voided_by_set_invalidate_and_prefix,
-            released_lease_frees_the_key,
-            lease_expires_unless_renewed,
-            renewal_never_takes_a_voided_lease,
-            lease_replaces_only_the_value_seen,
-            dropped_lease_is_released,
-            load_overtaken_by_an_invalidation_is_not_cached,
-            load_overtaken_by_a_set_keeps_the_set
-        );
+        $crate::__cachet_conformance_checks!($crate::conformance_tests! { @each [$make] });
     };
-    (@each $make:expr; $($check:ident),+) => {$(
+    (@each [$make:expr] $($check:ident)+) => {$(
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $check() {
             let cache = $make;
@@ -227,504 +246,22 @@ pub(crate) fn ok<T>(what: &str, result: Result<T, CacheError>) -> T {
     }
 }
 
-/// How long a check waits for a 1 s TTL to pass: generous, never a timing assert.
-const PAST_ONE_SECOND: Duration = Duration::from_millis(1_600);
+#[cfg(test)]
+mod tests {
+    /// What `conformance_tests!` generates, as names: the same walk over the list.
+    macro_rules! generated {
+        ($($check:ident)+) => {
+            [$(stringify!($check)),+]
+        };
+    }
 
-/// A typed org context (nested structs, options, lists, maps, unicode) round-trips.
-pub async fn typed_round_trip(cache: &dyn CacheService, prefix: &str) {
-    for n in 0..6 {
-        let key = format!("{prefix}org:{n}");
-        let ctx = OrgContext::sample(n);
-        ok("set", cache.set(&key, &ctx, Some(300)).await);
-        let got: Option<OrgContext> = ok("get", cache.get(&key).await);
-        assert_eq!(got, Some(ctx), "round trip of {key}");
+    #[test]
+    fn checks_and_generated_tests_agree() {
+        let generated: &[&str] = &__cachet_conformance_checks!(generated! {});
+        assert_eq!(generated, super::CHECKS);
+        let mut unique = generated.to_vec();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), generated.len(), "every check is listed once");
     }
 }
-
-/// Strings, numbers, lists and maps round-trip through the typed helpers.
-pub async fn typed_primitives_round_trip(cache: &dyn CacheService, prefix: &str) {
-    let k = |s: &str| format!("{prefix}{s}");
-    ok("set", cache.set(&k("s"), "héllo\0world", None).await);
-    ok("set", cache.set(&k("n"), &u64::MAX, None).await);
-    ok("set", cache.set(&k("i"), &i64::MIN, None).await);
-    ok("set", cache.set(&k("f"), &-1.5e-300_f64, None).await);
-    ok("set", cache.set(&k("v"), &vec![1u8, 2, 3], None).await);
-    let map = BTreeMap::from([("a".to_string(), vec![Some(1)]), ("b".into(), vec![None])]);
-    ok("set", cache.set(&k("m"), &map, None).await);
-    assert_eq!(
-        ok("get", cache.get::<String>(&k("s")).await).as_deref(),
-        Some("héllo\0world")
-    );
-    assert_eq!(ok("get", cache.get::<u64>(&k("n")).await), Some(u64::MAX));
-    assert_eq!(ok("get", cache.get::<i64>(&k("i")).await), Some(i64::MIN));
-    assert_eq!(ok("get", cache.get::<f64>(&k("f")).await), Some(-1.5e-300));
-    assert_eq!(
-        ok("get", cache.get::<Vec<u8>>(&k("v")).await),
-        Some(vec![1, 2, 3])
-    );
-    assert_eq!(ok("get", cache.get(&k("m")).await), Some(map));
-}
-
-/// A stored `None` (JSON `null`) reads back as `Some(None)`, distinct from a missing key.
-pub async fn stored_null_is_not_missing(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}nothing");
-    ok(
-        "set",
-        cache.set(&key, &Option::<OrgContext>::None, None).await,
-    );
-    let got: Option<Option<OrgContext>> = ok("get", cache.get(&key).await);
-    assert_eq!(got, Some(None), "a stored null must not look like a miss");
-}
-
-/// A key never written is `Ok(None)`, both typed and as bytes.
-pub async fn missing_key_is_none(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}never-written");
-    assert_eq!(ok("get_bytes", cache.get_bytes(&key).await), None);
-    assert_eq!(ok("get", cache.get::<OrgContext>(&key).await), None);
-}
-
-/// A second `set` replaces the first value.
-pub async fn overwrite_replaces_value(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}org");
-    ok("set", cache.set(&key, &OrgContext::sample(1), None).await);
-    ok("set", cache.set(&key, &OrgContext::sample(2), None).await);
-    assert_eq!(
-        ok("get", cache.get(&key).await),
-        Some(OrgContext::sample(2))
-    );
-}
-
-/// `Some(1)` expires the entry: present at once, gone after 1.6 s.
-pub async fn ttl_expires_entry(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}short");
-    ok("set", cache.set(&key, &"soon gone", Some(1)).await);
-    assert!(
-        ok("get", cache.get::<String>(&key).await).is_some(),
-        "present right after set"
-    );
-    tokio::time::sleep(PAST_ONE_SECOND).await;
-    assert_eq!(
-        ok("get", cache.get::<String>(&key).await),
-        None,
-        "expired after 1 s TTL"
-    );
-    assert_eq!(ok("get_bytes", cache.get_bytes(&key).await), None);
-}
-
-/// `None` applies the default TTL (minutes, not seconds): such an entry outlives a `Some(1)`.
-pub async fn default_ttl_outlives_short_ttl(cache: &dyn CacheService, prefix: &str) {
-    let short = format!("{prefix}short");
-    let default = format!("{prefix}default");
-    ok("set", cache.set(&short, &1, Some(1)).await);
-    ok("set", cache.set(&default, &2, None).await);
-    tokio::time::sleep(PAST_ONE_SECOND).await;
-    assert_eq!(ok("get", cache.get::<i32>(&short).await), None);
-    assert_eq!(ok("get", cache.get::<i32>(&default).await), Some(2));
-}
-
-/// Overwriting an entry replaces its TTL too: a short TTL followed by a default one lives on.
-pub async fn overwrite_resets_ttl(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}k");
-    ok("set", cache.set(&key, &1, Some(1)).await);
-    ok("set", cache.set(&key, &2, None).await);
-    tokio::time::sleep(PAST_ONE_SECOND).await;
-    assert_eq!(ok("get", cache.get::<i32>(&key).await), Some(2));
-}
-
-/// `Some(0)` is `InvalidArgument`, stores nothing, and leaves a previous value alone.
-pub async fn zero_ttl_is_invalid_argument(cache: &dyn CacheService, prefix: &str) {
-    let fresh = format!("{prefix}fresh");
-    let err = cache
-        .set(&fresh, &1, Some(0))
-        .await
-        .expect_err("Some(0) must fail");
-    assert!(
-        matches!(err, CacheError::InvalidArgument { .. }),
-        "got {err:?}"
-    );
-    assert_eq!(ok("get", cache.get::<i32>(&fresh).await), None);
-
-    let existing = format!("{prefix}existing");
-    ok("set", cache.set(&existing, &1, None).await);
-    let err = cache
-        .set_bytes(&existing, Bytes::from_static(b"2"), Some(0))
-        .await;
-    assert!(
-        matches!(err, Err(CacheError::InvalidArgument { .. })),
-        "got {err:?}"
-    );
-    assert_eq!(ok("get", cache.get::<i32>(&existing).await), Some(1));
-}
-
-/// A TTL above [`MAX_TTL_SECS`](crate::MAX_TTL_SECS) is `InvalidArgument`; the maximum works.
-pub async fn too_long_ttl_is_invalid_argument(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}forever");
-    let err = cache.set(&key, &1, Some(u64::MAX)).await;
-    assert!(
-        matches!(err, Err(CacheError::InvalidArgument { .. })),
-        "got {err:?}"
-    );
-    ok("set", cache.set(&key, &1, Some(crate::MAX_TTL_SECS)).await);
-    assert_eq!(ok("get", cache.get::<i32>(&key).await), Some(1));
-}
-
-/// `invalidate` removes exactly its key: neighbours sharing a prefix stay.
-pub async fn invalidate_removes_exactly_one_key(cache: &dyn CacheService, prefix: &str) {
-    let keys =
-        ["org:acme", "org:acme:users", "org:acm", "org:acme2"].map(|k| format!("{prefix}{k}"));
-    for k in &keys {
-        ok("set", cache.set(k, k, None).await);
-    }
-    ok("invalidate", cache.invalidate(&keys[0]).await);
-    assert_eq!(ok("get", cache.get::<String>(&keys[0]).await), None);
-    for k in &keys[1..] {
-        assert_eq!(
-            ok("get", cache.get::<String>(k).await).as_ref(),
-            Some(k),
-            "{k} must stay"
-        );
-    }
-}
-
-/// Invalidating a key that is not there is `Ok`, twice in a row too.
-pub async fn invalidate_missing_key_is_ok(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}ghost");
-    ok("invalidate", cache.invalidate(&key).await);
-    ok("set", cache.set(&key, &1, None).await);
-    ok("invalidate", cache.invalidate(&key).await);
-    ok("invalidate", cache.invalidate(&key).await);
-    assert_eq!(ok("get", cache.get::<i32>(&key).await), None);
-}
-
-/// `invalidate_prefix` removes every key under the prefix, returns that count, and keeps
-/// the rest.
-pub async fn invalidate_prefix_counts_removed(cache: &dyn CacheService, prefix: &str) {
-    for i in 0..150 {
-        ok(
-            "set",
-            cache.set(&format!("{prefix}org:acme:{i}"), &i, None).await,
-        );
-    }
-    for i in 0..20 {
-        ok(
-            "set",
-            cache.set(&format!("{prefix}org:acmf:{i}"), &i, None).await,
-        );
-    }
-    ok(
-        "set",
-        cache.set(&format!("{prefix}org:acme"), &0, None).await,
-    );
-    let removed = ok(
-        "invalidate_prefix",
-        cache.invalidate_prefix(&format!("{prefix}org:acme:")).await,
-    );
-    assert_eq!(removed, 150);
-    for i in [0, 77, 149] {
-        assert_eq!(
-            ok(
-                "get",
-                cache.get::<i32>(&format!("{prefix}org:acme:{i}")).await
-            ),
-            None
-        );
-    }
-    assert_eq!(
-        ok("get", cache.get::<i32>(&format!("{prefix}org:acme")).await),
-        Some(0)
-    );
-    assert_eq!(
-        ok(
-            "get",
-            cache.get::<i32>(&format!("{prefix}org:acmf:3")).await
-        ),
-        Some(3)
-    );
-    let again = ok(
-        "invalidate_prefix",
-        cache.invalidate_prefix(&format!("{prefix}org:acme:")).await,
-    );
-    assert_eq!(again, 0, "a second call finds nothing left");
-}
-
-/// `*`, `?`, `[`, `]` and `\` in a prefix are literal characters, never patterns.
-pub async fn invalidate_prefix_is_literal(cache: &dyn CacheService, prefix: &str) {
-    // (prefix to invalidate, keys that start with it literally, keys a glob would also hit)
-    let cases: &[(&str, &[&str], &[&str])] = &[
-        ("a*b", &["a*b", "a*b:1", "a*bc"], &["axb", "aXYZb:1", "ab"]),
-        ("q?r", &["q?r:1", "q?r"], &["qxr:1", "qr"]),
-        ("s[ab]t", &["s[ab]t:1"], &["sat:1", "sbt:1"]),
-        ("u[", &["u[:1"], &["u:1"]),
-        ("v]w", &["v]w"], &["vw"]),
-        ("x\\y", &["x\\y:1", "x\\y"], &["xy:1", "x\\\\y"]),
-        ("z\\", &["z\\*"], &["z*", "z"]),
-        ("[^m]*", &["[^m]*n"], &["n", "o*"]),
-    ];
-    for (case, (p, literal, glob_only)) in cases.iter().enumerate() {
-        let base = format!("{prefix}{case}/");
-        for k in literal.iter().chain(glob_only.iter()) {
-            ok("set", cache.set(&format!("{base}{k}"), k, None).await);
-        }
-        let removed = ok(
-            "invalidate_prefix",
-            cache.invalidate_prefix(&format!("{base}{p}")).await,
-        );
-        assert_eq!(removed, literal.len() as u64, "prefix {p:?}");
-        for k in literal.iter() {
-            assert_eq!(
-                ok("get", cache.get::<String>(&format!("{base}{k}")).await),
-                None,
-                "{k:?} under {p:?}"
-            );
-        }
-        for k in glob_only.iter() {
-            let got = ok("get", cache.get::<String>(&format!("{base}{k}")).await);
-            assert_eq!(got.as_deref(), Some(*k), "{k:?} must survive prefix {p:?}");
-        }
-    }
-}
-
-/// A prefix that matches nothing removes nothing and returns 0.
-pub async fn invalidate_prefix_without_match_is_zero(cache: &dyn CacheService, prefix: &str) {
-    ok("set", cache.set(&format!("{prefix}a"), &1, None).await);
-    let removed = ok(
-        "invalidate_prefix",
-        cache.invalidate_prefix(&format!("{prefix}b")).await,
-    );
-    assert_eq!(removed, 0);
-    assert_eq!(
-        ok("get", cache.get::<i32>(&format!("{prefix}a")).await),
-        Some(1)
-    );
-}
-
-/// Expired entries are not counted as removed by `invalidate_prefix`.
-pub async fn invalidate_prefix_skips_expired(cache: &dyn CacheService, prefix: &str) {
-    for i in 0..5 {
-        ok(
-            "set",
-            cache.set(&format!("{prefix}gone:{i}"), &i, Some(1)).await,
-        );
-    }
-    for i in 0..3 {
-        ok(
-            "set",
-            cache.set(&format!("{prefix}live:{i}"), &i, None).await,
-        );
-    }
-    tokio::time::sleep(PAST_ONE_SECOND).await;
-    let removed = ok("invalidate_prefix", cache.invalidate_prefix(prefix).await);
-    assert_eq!(removed, 3, "only the 3 live entries count");
-}
-
-/// Stored bytes that are not the requested type's JSON give `Serialization` naming the key
-/// and type, and the entry stays as it was.
-pub async fn corrupt_bytes_are_serialization_error(cache: &dyn CacheService, prefix: &str) {
-    let corrupt: [&[u8]; 4] = [
-        b"\xff\xfe\x00garbage",
-        b"{\"id\": 1, \"slug\": ",
-        b"",
-        b"[1,2,3]",
-    ];
-    for (i, bytes) in corrupt.into_iter().enumerate() {
-        let key = format!("{prefix}corrupt:{i}");
-        ok(
-            "set_bytes",
-            cache
-                .set_bytes(&key, Bytes::copy_from_slice(bytes), None)
-                .await,
-        );
-        match cache.get::<OrgContext>(&key).await {
-            Err(err @ CacheError::Serialization { .. }) => {
-                let msg = err.to_string();
-                assert!(
-                    msg.contains(&format!("corrupt:{i}")),
-                    "message names the key: {msg}"
-                );
-                assert!(msg.contains("OrgContext"), "message names the type: {msg}");
-            }
-            other => panic!("corrupt bytes {bytes:?}: expected Serialization, got {other:?}"),
-        }
-        let still = ok("get_bytes", cache.get_bytes(&key).await);
-        assert_eq!(
-            still.as_deref(),
-            Some(bytes),
-            "the corrupt entry is left untouched"
-        );
-    }
-}
-
-/// Reading a value as the wrong type is `Serialization`, not a panic or a wrong value.
-pub async fn wrong_type_is_serialization_error(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}org");
-    ok("set", cache.set(&key, &OrgContext::sample(3), None).await);
-    let err = cache.get::<Vec<u64>>(&key).await;
-    assert!(
-        matches!(err, Err(CacheError::Serialization { .. })),
-        "got {err:?}"
-    );
-    assert_eq!(
-        ok("get", cache.get(&key).await),
-        Some(OrgContext::sample(3))
-    );
-}
-
-/// The prefix alone (so, for an empty `prefix`, the empty key) is a key like any other.
-pub async fn empty_key(cache: &dyn CacheService, prefix: &str) {
-    ok(
-        "set",
-        cache.set(prefix, &"at the prefix itself", None).await,
-    );
-    assert_eq!(
-        ok("get", cache.get::<String>(prefix).await).as_deref(),
-        Some("at the prefix itself")
-    );
-    ok("invalidate", cache.invalidate(prefix).await);
-    assert_eq!(ok("get", cache.get::<String>(prefix).await), None);
-}
-
-/// Keys with spaces, newlines, tabs, control characters, quotes, unicode and emoji are
-/// distinct, opaque keys.
-pub async fn unusual_keys(cache: &dyn CacheService, prefix: &str) {
-    let suffixes = [
-        " ",
-        "  ",
-        "a b",
-        "line\nbreak",
-        "tab\there",
-        "\r\n",
-        "nul\0byte",
-        "\u{7f}",
-        "\"quoted\"",
-        "'single'",
-        "東京",
-        "emoji 🚀🔥",
-        "עברית",
-        "e\u{301}",
-        "é",
-        "{hash}tag",
-        "%s%n",
-        "$ENV",
-    ];
-    for (i, s) in suffixes.iter().enumerate() {
-        ok("set", cache.set(&format!("{prefix}{s}"), &i, None).await);
-    }
-    for (i, s) in suffixes.iter().enumerate() {
-        let got = ok("get", cache.get::<usize>(&format!("{prefix}{s}")).await);
-        assert_eq!(got, Some(i), "key suffix {s:?}");
-    }
-    ok(
-        "invalidate",
-        cache.invalidate(&format!("{prefix}line\nbreak")).await,
-    );
-    assert_eq!(
-        ok(
-            "get",
-            cache.get::<usize>(&format!("{prefix}line\nbreak")).await
-        ),
-        None
-    );
-    assert_eq!(
-        ok(
-            "get",
-            cache.get::<usize>(&format!("{prefix}tab\there")).await
-        ),
-        Some(4)
-    );
-}
-
-/// A 1 MiB key works, and is distinct from the same key one byte shorter.
-pub async fn huge_key(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}{}", "k".repeat(1 << 20));
-    let shorter = &key[..key.len() - 1];
-    ok("set", cache.set(&key, &"long", None).await);
-    assert_eq!(
-        ok("get", cache.get::<String>(&key).await).as_deref(),
-        Some("long")
-    );
-    assert_eq!(ok("get", cache.get::<String>(shorter).await), None);
-    assert_eq!(
-        ok("invalidate_prefix", cache.invalidate_prefix(&key).await),
-        1
-    );
-}
-
-/// An empty value is stored and read back as empty, not as missing.
-pub async fn empty_value(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}empty");
-    ok("set_bytes", cache.set_bytes(&key, Bytes::new(), None).await);
-    assert_eq!(
-        ok("get_bytes", cache.get_bytes(&key).await),
-        Some(Bytes::new())
-    );
-    ok(
-        "set",
-        cache.set(&format!("{prefix}empty-string"), "", None).await,
-    );
-    assert_eq!(
-        ok(
-            "get",
-            cache.get::<String>(&format!("{prefix}empty-string")).await
-        )
-        .as_deref(),
-        Some("")
-    );
-}
-
-/// Arbitrary binary values (every byte value, invalid UTF-8) round-trip as bytes.
-pub async fn binary_value(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}binary");
-    let value: Vec<u8> = (0..=255u8).chain((0..=255u8).rev()).collect();
-    ok(
-        "set_bytes",
-        cache
-            .set_bytes(&key, Bytes::from(value.clone()), None)
-            .await,
-    );
-    assert_eq!(
-        ok("get_bytes", cache.get_bytes(&key).await).as_deref(),
-        Some(&value[..])
-    );
-}
-
-/// A 16 MiB value round-trips intact.
-pub async fn huge_value(cache: &dyn CacheService, prefix: &str) {
-    let key = format!("{prefix}huge");
-    let value: Vec<u8> = (0..16u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect();
-    ok(
-        "set_bytes",
-        cache
-            .set_bytes(&key, Bytes::from(value.clone()), None)
-            .await,
-    );
-    let got = ok("get_bytes", cache.get_bytes(&key).await).expect("16 MiB value present");
-    assert_eq!(got.len(), value.len());
-    assert!(got == value, "16 MiB value differs after the round trip");
-}
-
-/// 64 concurrent tasks, each writing and reading its own keys, all see their own values.
-pub async fn concurrent_tasks(cache: &dyn CacheService, prefix: &str) {
-    let tasks = (0..64u64).map(|t| async move {
-        for i in 0..25u64 {
-            let key = format!("{prefix}task:{t}:{i}");
-            let ctx = OrgContext::sample(t * 1000 + i);
-            ok("set", cache.set(&key, &ctx, None).await);
-            tokio::task::yield_now().await;
-            let got: Option<OrgContext> = ok("get", cache.get(&key).await);
-            assert_eq!(got, Some(ctx), "task {t} key {i}");
-        }
-    });
-    futures_util::future::join_all(tasks).await;
-    let removed = ok(
-        "invalidate_prefix",
-        cache.invalidate_prefix(&format!("{prefix}task:")).await,
-    );
-    assert_eq!(removed, 64 * 25);
-}
-
-mod leases;
-pub mod model;
-
-pub use self::leases::*;

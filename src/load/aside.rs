@@ -77,7 +77,7 @@ where
     // As in `get_or_load`: a fresh in-memory hit is answered at once, the rest boxed.
     let now = cache.get_bytes_now(key);
     let hit = match options.check(key) {
-        Ok(()) => super::fresh_hit::<T>(key, options, &now),
+        Ok(()) => super::read::fresh_hit::<T>(key, options, &now),
         Err(_) => None, // reported by the slow path
     };
     async move {

@@ -1,7 +1,8 @@
 //! The leader of a load (the one caller per key and process that runs the loader): it takes
 //! the key's lease where the truth lives, waits for another instance's load when that one
-//! holds the lease, loads, and writes back only under its lease. Every exit goes through
-//! [`WriteBack`], which stores, or releases the lease, exactly once.
+//! holds the lease, loads, and writes back only under its lease. Everything it holds lives
+//! in a [`LeaderGuard`]: every exit of the path below hands its outcome to one
+//! [`LeaderGuard::finish`], and a cancelled one drops the guard, which lets go of all.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -13,119 +14,15 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::flight::{Leader, Outcome};
-use super::lease::{
-    DEFAULT_LEASE_TTL, LEASE_RENEW_EVERY, Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion,
-};
-use super::{
-    Frame, LoadError, LoadOptions, LoadSource, LoadTtl, Loaded, Read, cached_source, classify,
-    now_ms, secs_ceil,
-};
-use crate::lock::{LockGuard, LockOptions};
+use super::guard::{LeaderGuard, Stored, WriteBack};
+use super::lease::{DEFAULT_LEASE_TTL, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
+use super::read::{Read, cached_source, classify};
+use super::{Frame, LoadError, LoadOptions, LoadSource, LoadTtl, Loaded, now_ms};
+use crate::lock::LockOptions;
 use crate::{CacheError, CacheService, KeyName, codec};
 
 /// Longest pause between two polls of another instance's lease.
 const MAX_POLL: Duration = Duration::from_millis(100);
-
-/// How a load may write back.
-enum WriteBack {
-    /// Under this lease (it is voided by any change of the key meanwhile).
-    Leased(Lease),
-    /// A service without leases: `set_bytes`, unless this process saw the key invalidated
-    /// (the in-process check of [`invalidate_in_flight`](super::invalidate_in_flight)).
-    Plain,
-    /// Not at all: the lease could not be had (the cache is down), so nothing may be
-    /// written that could overtake a change made meanwhile.
-    Skip,
-}
-
-/// What became of a write-back.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Stored {
-    /// It is in the cache.
-    Yes,
-    /// The key was changed or invalidated while the loader ran: what it loaded may predate
-    /// the change. Its own caller still gets it; the callers that joined are sent to read
-    /// (and load) again, since they may have arrived after the change.
-    Overtaken,
-    /// Not written (nothing may be, or the cache failed).
-    No,
-}
-
-impl WriteBack {
-    /// Stores `value`.
-    async fn store<S: CacheService + ?Sized>(
-        &mut self,
-        cache: &S,
-        key: &str,
-        leader: &Leader,
-        value: Bytes,
-        ttl_secs: Option<u64>,
-    ) -> Result<Stored, CacheError> {
-        match self {
-            WriteBack::Leased(lease) => {
-                let stored = cache.set_leased(key, lease, value, ttl_secs).await;
-                if stored.is_ok() {
-                    lease.disarm();
-                }
-                Ok(if stored? {
-                    Stored::Yes
-                } else {
-                    Stored::Overtaken
-                })
-            }
-            WriteBack::Plain if !leader.invalidated() => {
-                cache.set_bytes(key, value, ttl_secs).await?;
-                // An invalidation landing between the check and the write: undo it.
-                if leader.invalidated() {
-                    let _ = cache.invalidate(key).await;
-                    return Ok(Stored::Overtaken);
-                }
-                Ok(Stored::Yes)
-            }
-            WriteBack::Plain => Ok(Stored::Overtaken),
-            WriteBack::Skip => Ok(Stored::No),
-        }
-    }
-
-    /// Nothing will be stored: release the lease now, so that waiters load at once.
-    async fn abandon<S: CacheService + ?Sized>(&mut self, cache: &S, key: &str) {
-        if let WriteBack::Leased(lease) = self {
-            if cache.release_lease(key, lease).await.is_ok() {
-                lease.disarm();
-            }
-        }
-    }
-}
-
-/// Runs `loader` while renewing `lease`'s hold on `key` every [`LEASE_RENEW_EVERY`].
-async fn renewing<S, Fut>(cache: &S, key: &str, write_back: &WriteBack, loader: Fut) -> Fut::Output
-where
-    S: CacheService + ?Sized,
-    Fut: Future,
-{
-    let WriteBack::Leased(lease) = write_back else {
-        return loader.await;
-    };
-    let renewal = LeaseRequest {
-        token: lease.token().clone(),
-        ttl: DEFAULT_LEASE_TTL,
-        replace: None,
-        renew: true,
-    };
-    let mut loader = std::pin::pin!(loader);
-    let mut tick = tokio::time::interval_at(Instant::now() + LEASE_RENEW_EVERY, LEASE_RENEW_EVERY);
-    loop {
-        tokio::select! {
-            output = &mut loader => return output,
-            _ = tick.tick() => {
-                // A lost lease is not an error here: the write-back will find it gone.
-                if let Ok(LeaseRead::Granted(mut handle)) = cache.lease(key, &renewal).await {
-                    handle.disarm(); // the first handle is the one that releases
-                }
-            }
-        }
-    }
-}
 
 /// What [`lead`] was handed by the caller: the leader's slot, a fail-safe candidate and a
 /// cache error worked around so far.
@@ -134,6 +31,9 @@ pub(super) struct Lead {
     pub(super) stale: Option<Frame>,
     pub(super) cache_error: Option<CacheError>,
 }
+
+/// What the lead path ends with: the caller's result, and what the waiters are told.
+type Ended<T, E> = (Result<Loaded<T>, LoadError<E>>, Outcome);
 
 /// The leader's whole part: lease, wait or load, write back, tell the waiters.
 pub(super) async fn lead<S, T, E, F, Fut>(
@@ -152,9 +52,62 @@ where
 {
     let Lead {
         leader,
-        mut stale,
-        mut cache_error,
+        stale,
+        cache_error,
     } = lead;
+    let mut guard = LeaderGuard::new(leader);
+    let (result, outcome) = run(cache, key, options, &mut guard, stale, cache_error, loader).await;
+    guard.finish(cache, key, outcome).await;
+    result
+}
+
+/// A hit found by the leader: its caller's result and its waiters' outcome.
+fn hit<T, E>(
+    value: Option<T>,
+    payload: Option<Bytes>,
+    source: LoadSource,
+    cache_error: Option<CacheError>,
+) -> Ended<T, E> {
+    let was_stale = source == LoadSource::Stale;
+    let loaded = Loaded {
+        value,
+        source,
+        cache_error,
+        written: None,
+    };
+    let outcome = Outcome::Value {
+        payload,
+        stale: was_stale,
+    };
+    (Ok(loaded), outcome)
+}
+
+/// The load timed out before the loader ran (another instance's load outlasted it).
+fn timed_out<T, E>(key: &str, options: &LoadOptions) -> Ended<T, E> {
+    let error = LoadError::Timeout {
+        key: KeyName::new(key),
+        after: options.load_timeout,
+    };
+    (Err(error), Outcome::TimedOut(options.load_timeout))
+}
+
+/// The lead path up to its outcome; `guard` takes what it holds on the way.
+async fn run<S, T, E, F, Fut>(
+    cache: &S,
+    key: &str,
+    options: &LoadOptions,
+    guard: &mut LeaderGuard,
+    mut stale: Option<Frame>,
+    mut cache_error: Option<CacheError>,
+    loader: F,
+) -> Ended<T, E>
+where
+    S: CacheService + ?Sized,
+    T: Serialize + DeserializeOwned + Send,
+    E: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = Result<Option<(T, LoadTtl)>, E>> + Send,
+{
     let started = Instant::now();
     let deadline = started + options.load_timeout;
 
@@ -164,7 +117,7 @@ where
     let mut replace: Option<StoredVersion> = None;
     let mut joined = false;
     let mut poll = Duration::from_millis(2);
-    let mut write_back = loop {
+    let write_back = loop {
         let request = LeaseRequest {
             token: token.clone(),
             ttl: DEFAULT_LEASE_TTL,
@@ -176,20 +129,11 @@ where
                 let mut read_error = None;
                 match classify::<T>(key, Ok(Some(value)), options, &mut read_error) {
                     Read::Hit(value, payload, was_stale) => {
-                        leader.finish(Outcome::Value {
-                            payload,
-                            stale: was_stale,
-                        });
                         let source = match (was_stale, joined) {
                             (false, true) => LoadSource::Joined,
                             (was_stale, _) => cached_source(was_stale),
                         };
-                        return Ok(Loaded {
-                            value,
-                            source,
-                            cache_error: read_error.or(cache_error),
-                            written: None,
-                        });
+                        return hit(value, payload, source, read_error.or(cache_error));
                     }
                     // Stale, undecodable, or a "not found" this caller does not trust:
                     // replace exactly that value with our lease.
@@ -210,11 +154,7 @@ where
                 joined = true;
                 let now = Instant::now();
                 if now >= deadline {
-                    leader.finish(Outcome::TimedOut(options.load_timeout));
-                    return Err(LoadError::Timeout {
-                        key: KeyName::new(key),
-                        after: options.load_timeout,
-                    });
+                    return timed_out(key, options);
                 }
                 let pause = poll
                     .min(remaining.max(Duration::from_millis(1)))
@@ -231,31 +171,19 @@ where
             }
         }
         if Instant::now() >= deadline {
-            leader.finish(Outcome::TimedOut(options.load_timeout));
-            return Err(LoadError::Timeout {
-                key: KeyName::new(key),
-                after: options.load_timeout,
-            });
+            return timed_out(key, options);
         }
     };
+    guard.write_back(write_back);
 
     // A service without leases: read once more, and hold the cross-instance lock if the
     // options name one (the single flight leases give everyone else).
-    let mut lock: Option<LockGuard> = None;
-    if matches!(write_back, WriteBack::Plain) {
+    if guard.is_plain() {
         let mut recheck_error = None;
         match classify::<T>(key, cache.get_bytes(key).await, options, &mut recheck_error) {
             Read::Hit(value, payload, was_stale) => {
-                leader.finish(Outcome::Value {
-                    payload,
-                    stale: was_stale,
-                });
-                return Ok(Loaded {
-                    value,
-                    source: cached_source(was_stale),
-                    cache_error: recheck_error.or(cache_error),
-                    written: None,
-                });
+                let source = cached_source(was_stale);
+                return hit(value, payload, source, recheck_error.or(cache_error));
             }
             Read::Miss { stale: again } => {
                 stale = again.or(stale);
@@ -266,10 +194,11 @@ where
             let lock_options = LockOptions::default()
                 .wait_timeout(options.load_timeout)
                 .lease(options.load_timeout.max(Duration::from_secs(1)));
-            if let Ok(guard) = locks
+            if let Ok(lock) = locks
                 .acquire(&format!("cachet:load:{key}"), &lock_options)
                 .await
             {
+                guard.hold_lock(lock);
                 let mut under_lock_error = None;
                 if let Read::Hit(value, payload, was_stale) = classify::<T>(
                     key,
@@ -277,93 +206,54 @@ where
                     options,
                     &mut under_lock_error,
                 ) {
-                    let _ = guard.release().await;
-                    leader.finish(Outcome::Value {
-                        payload,
-                        stale: was_stale,
-                    });
-                    return Ok(Loaded {
-                        value,
-                        source: cached_source(was_stale),
-                        cache_error: under_lock_error.or(cache_error),
-                        written: None,
-                    });
+                    let source = cached_source(was_stale);
+                    return hit(value, payload, source, under_lock_error.or(cache_error));
                 }
-                lock = Some(guard);
             }
         }
     }
 
     let remaining = deadline.saturating_duration_since(Instant::now());
-    let loaded = renewing(
-        cache,
-        key,
-        &write_back,
-        tokio::time::timeout(remaining, loader()),
-    )
-    .await;
-    let result = finish_load(
-        cache,
-        key,
-        options,
-        &leader,
-        &mut write_back,
-        stale,
-        cache_error,
-        loaded,
-    )
-    .await;
-    if let Some(guard) = lock {
-        // Not answered: the lock's own lease frees it.
-        let _ = guard.release().await;
-    }
-    let (result, outcome) = result;
-    leader.finish(outcome);
-    result
+    let loaded = guard
+        .renewing(cache, key, tokio::time::timeout(remaining, loader()))
+        .await;
+    finish_load(cache, key, options, guard, stale, cache_error, loaded).await
 }
 
 type LoaderResult<T, E> = Result<Result<Option<(T, LoadTtl)>, E>, tokio::time::error::Elapsed>;
 
-/// After the loader: write back (or not), and say what the waiters get.
-#[allow(clippy::too_many_arguments)]
+/// After the loader: write back (or not: then the guard's `finish` releases the lease), and
+/// say what the waiters get.
 async fn finish_load<S, T, E>(
     cache: &S,
     key: &str,
     options: &LoadOptions,
-    leader: &Leader,
-    write_back: &mut WriteBack,
+    guard: &mut LeaderGuard,
     stale: Option<Frame>,
     mut cache_error: Option<CacheError>,
     loaded: LoaderResult<T, E>,
-) -> (Result<Loaded<T>, LoadError<E>>, Outcome)
+) -> Ended<T, E>
 where
     S: CacheService + ?Sized,
     T: Serialize + DeserializeOwned + Send,
     E: Send + Sync + 'static,
 {
     // From here on, callers that arrive read for themselves (see `Leader::close`).
-    leader.close();
+    guard.close();
     let failure = match loaded {
         Ok(Ok(Some((value, ttl)))) => {
             let payload = match codec::encode(key, &value) {
                 Ok(payload) => payload,
                 Err(error) => {
-                    write_back.abandon(cache, key).await;
                     let outcome = Outcome::Unusable(Arc::from(error.to_string()));
                     return (Err(LoadError::Cache(error)), outcome);
                 }
             };
             let mut overtaken = false;
             let written = match stored_form(options, ttl, &payload) {
-                None => {
-                    write_back.abandon(cache, key).await;
-                    None
-                }
+                None => None,
                 Some((stored, physical)) => {
-                    match write_back
-                        .store(cache, key, leader, stored.clone(), physical)
-                        .await
-                    {
+                    match guard.store(cache, key, stored.clone(), physical).await {
                         Ok(Stored::Yes) => Some((stored, physical)),
                         Ok(Stored::Overtaken) => {
                             overtaken = true;
@@ -396,21 +286,15 @@ where
         Ok(Ok(None)) => {
             let mut written = None;
             let mut overtaken = false;
-            match options.negative_ttl_secs {
-                Some(secs) => {
-                    let marker = Frame::absent(now_ms().saturating_add(secs.saturating_mul(1000)));
-                    let stored = marker.encode();
-                    match write_back
-                        .store(cache, key, leader, stored.clone(), Some(secs))
-                        .await
-                    {
-                        Ok(Stored::Yes) => written = Some((stored, Some(secs))),
-                        Ok(Stored::Overtaken) => overtaken = true,
-                        Ok(Stored::No) => {}
-                        Err(error) => cache_error = Some(error),
-                    }
+            if let Some(secs) = options.negative_ttl_secs {
+                let marker = Frame::absent(now_ms().saturating_add(secs.saturating_mul(1000)));
+                let stored = marker.encode();
+                match guard.store(cache, key, stored.clone(), Some(secs)).await {
+                    Ok(Stored::Yes) => written = Some((stored, Some(secs))),
+                    Ok(Stored::Overtaken) => overtaken = true,
+                    Ok(Stored::No) => {}
+                    Err(error) => cache_error = Some(error),
                 }
-                None => write_back.abandon(cache, key).await,
             }
             let outcome = if overtaken {
                 Outcome::Abandoned
@@ -447,10 +331,7 @@ where
                 );
                 throttled.stale = true;
                 let ttl = secs_ceil(frame.stale_until_ms - now);
-                if let Err(error) = write_back
-                    .store(cache, key, leader, throttled.encode(), Some(ttl))
-                    .await
-                {
+                if let Err(error) = guard.store(cache, key, throttled.encode(), Some(ttl)).await {
                     cache_error = Some(error);
                 }
                 let outcome = Outcome::Value {
@@ -467,7 +348,7 @@ where
             }
         }
     }
-    write_back.abandon(cache, key).await;
+    // Nothing stored: the guard's `finish` releases the lease.
     match failure {
         Err(source) => {
             let outcome = Outcome::Failed(source.clone());
@@ -510,4 +391,9 @@ fn stored_form(
         }
         _ => (payload.clone(), ttl_secs),
     })
+}
+
+/// `ms` in whole seconds, rounded up, at least one.
+fn secs_ceil(ms: u64) -> u64 {
+    ms.div_ceil(1000).max(1)
 }

@@ -13,7 +13,8 @@ use tokio::sync::watch;
 
 use super::keeper::{self, Lease, Leases};
 use super::{ConcurrencyService, HeldLock, LockGuard, LockOptions};
-use crate::{BoxError, KeyName, LockError, RedisCacheService};
+use crate::backend::redis::RedisConnection;
+use crate::{BoxError, KeyName, LockError};
 
 /// Takes the lock if it is free, or returns this holder's own lease if the lock already
 /// holds its token (fred sent the command again after a reconnect, or the first reply was
@@ -141,29 +142,58 @@ pub const DEFAULT_LOCK_PREFIX: &str = "lock:";
 ///     .await?;
 /// # let _ = token; Ok(()) }
 /// ```
+///
+/// The service runs on a [`RedisConnection`]: [`new`](Self::new) opens one of its own;
+/// [`from_connection`](Self::from_connection) shares the connection of a cache (or one
+/// built alone), so that an app's cache and locks use one pool.
 #[derive(Clone)]
 pub struct RedisConcurrencyService {
-    redis: RedisCacheService,
+    redis: RedisConnection,
     prefix: String,
     fence_idle: Duration,
     leases: Arc<Leases>,
 }
 
 impl RedisConcurrencyService {
-    /// Connects to `redis_url` (the timeouts of [`RedisCacheService::new`]).
+    /// Connects to `redis_url` with the defaults of [`RedisConnection::connect`] (connect
+    /// timeout 5 s, command timeout 2 s).
     pub async fn new(redis_url: &str) -> Result<Self, LockError> {
-        let redis = RedisCacheService::new(redis_url, crate::DEFAULT_TTL_SECS).await?;
-        Ok(Self::from_connection(redis))
+        Ok(Self::from_connection(
+            RedisConnection::connect(redis_url).await?,
+        ))
     }
 
-    /// Uses the connection (and its timeouts) of an existing Redis cache service.
-    pub fn from_connection(redis: RedisCacheService) -> Self {
+    /// Runs on an existing connection (and its timeouts): a [`RedisConnection`], or a
+    /// [`RedisCacheService`](crate::RedisCacheService) (by value or by reference) whose
+    /// connection it then shares.
+    ///
+    /// ```no_run
+    /// use cachet::{CacheServiceExt, ConcurrencyServiceExt, RedisCacheService, RedisConcurrencyService};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let cache = RedisCacheService::builder("redis://127.0.0.1:6379")
+    ///     .pool_size(2)
+    ///     .build()
+    ///     .await?;
+    /// // One pool for both: the locks use the cache's connections.
+    /// let locks = RedisConcurrencyService::from_connection(&cache);
+    /// locks
+    ///     .with_lock("report:daily", async { cache.set("report:daily", &"done", None).await })
+    ///     .await??;
+    /// # Ok(()) }
+    /// ```
+    pub fn from_connection(connection: impl Into<RedisConnection>) -> Self {
         RedisConcurrencyService {
-            redis,
+            redis: connection.into(),
             prefix: DEFAULT_LOCK_PREFIX.to_owned(),
             fence_idle: DEFAULT_FENCE_IDLE,
             leases: Arc::default(),
         }
+    }
+
+    /// The connection the locks run on (clone it to share it).
+    pub fn connection(&self) -> &RedisConnection {
+        &self.redis
     }
 
     /// Puts the lock keys under `prefix` instead of `"lock:"`.
@@ -212,7 +242,7 @@ impl RedisConcurrencyService {
 
     fn backend(&self, operation: &'static str, key: &str, source: BoxError) -> LockError {
         LockError::Backend {
-            backend: self.redis.server().to_owned(),
+            backend: self.redis.server().into(),
             operation,
             key: KeyName::new(key),
             source,

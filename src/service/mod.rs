@@ -160,7 +160,7 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     ///
     /// The default is the service's address, so two services never share loads. The
     /// backends override it so that every clone of one backend (they share their store)
-    /// answers the same scope; wrappers (`Arc`, `Box`, `&`, [`Cache`]) forward it. A
+    /// answers the same scope; wrappers (`Arc`, `Box`, `&`, [`Cache`](crate::Cache)) forward it. A
     /// decorator that changes keys needs a scope of its own per mapping
     /// ([`NamespacedCacheService`](crate::NamespacedCacheService) mixes its namespace into
     /// the inner scope); one that keeps them forwards the inner scope.

@@ -3,8 +3,16 @@
 //! ports that this code picks itself. No mocks, and nothing here ever talks to a server it did
 //! not start (no fixed ports, never 6379).
 //!
-//! Each test file uses it with `mod support;`. The code is synchronous std only
-//! (`std::process`, `std::net`), so it works from plain and from async tests alike.
+//! Each test file uses it with `mod support;`. The code is synchronous (`std::process`, and
+//! the `redis` crate's blocking client for admin commands: [`RedisServer::command`],
+//! [`RedisServer::query`], [`port_command`]), so it works from plain and from async tests
+//! alike. [`RedisServer::shared`] and [`RedisCluster::shared`] are one server (one cluster)
+//! per test binary, for tests that keep to keys of their own.
+//!
+//! [`MemoryOrgStore`] is the one in-memory `OrgStore` of the tests (counting, slowed,
+//! failing or held at a [`Gate`], rows changed under it); `examples/org_service` has the
+//! app's own store, and the fuzz crate (`fuzz/`, a crate of its own) has its own checking
+//! store.
 //!
 //! Binaries come from environment variables, with fallbacks (see [`binaries`]): `REDIS_SERVER`
 //! (`redis-server` on `PATH`), `REDIS_CLI` (`redis-cli` on `PATH`), `VALKEY_SERVER`
@@ -24,22 +32,31 @@
 #![allow(dead_code)]
 
 pub mod binaries;
+mod client;
 mod cluster;
+mod gate;
 mod netns;
+#[cfg(feature = "tenancy")]
+mod org_store;
 mod ports;
 mod proxy;
-mod resp;
 mod sentinel;
 mod server;
 
 // Each test binary uses a subset of these.
 #[allow(unused_imports)]
 pub use self::{
+    client::port_command,
     cluster::RedisCluster,
+    gate::Gate,
     netns::{Netns, Veth, ip_binary},
     ports::{free_port, release_port},
     proxy::Proxy,
-    resp::{Resp, resp_command, resp_request},
     sentinel::SentinelSetup,
     server::RedisServer,
 };
+
+// The in-memory org store needs the org layer.
+#[cfg(feature = "tenancy")]
+#[allow(unused_imports)]
+pub use self::org_store::{MemoryOrgStore, OrgContext, StoreDown};

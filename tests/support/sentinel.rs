@@ -1,11 +1,11 @@
 //! One primary, one replica and one sentinel watching them, on free loopback ports.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::binaries;
-use super::resp::Resp;
 use super::server::{Launch, RedisServer};
 
 const SERVICE_NAME: &str = "mymaster";
@@ -135,11 +135,11 @@ impl SentinelSetup {
 
     /// The primary's port as the sentinel reports it (`SENTINEL get-master-addr-by-name`).
     pub fn current_primary_port(&self) -> Option<u16> {
-        let reply = self
+        let (_host, port) = self
             .sentinel
-            .request(&["SENTINEL", "get-master-addr-by-name", SERVICE_NAME])
-            .ok()?;
-        reply.items().get(1)?.to_text().parse().ok()
+            .query::<Option<(String, u16)>>(&["SENTINEL", "get-master-addr-by-name", SERVICE_NAME])
+            .ok()??;
+        Some(port)
     }
 
     /// SIGKILLs the primary and waits (at most 30 s) until the sentinel reports the replica's
@@ -162,33 +162,24 @@ impl SentinelSetup {
     /// The `flags` field of `SENTINEL master mymaster`: `master` when it is up and no
     /// failover is running.
     fn master_flags(&self) -> Option<String> {
-        let reply = self
+        let mut fields = self
             .sentinel
-            .request(&["SENTINEL", "master", SERVICE_NAME])
+            .query::<HashMap<String, String>>(&["SENTINEL", "master", SERVICE_NAME])
             .ok()?;
-        reply
-            .pairs()
-            .into_iter()
-            .find(|(k, _)| k == "flags")
-            .map(|(_, v)| v)
+        fields.remove("flags")
     }
 
     fn sentinel_sees_replica(&self) -> bool {
-        let Ok(reply) = self
-            .sentinel
-            .request(&["SENTINEL", "replicas", SERVICE_NAME])
-        else {
+        let Ok(replicas) = self.sentinel.query::<Vec<HashMap<String, String>>>(&[
+            "SENTINEL",
+            "replicas",
+            SERVICE_NAME,
+        ]) else {
             return false;
         };
         let port = self.replica.port().to_string();
-        reply.items().iter().any(|replica: &Resp| {
-            let fields = replica.pairs();
-            let get = |name: &str| {
-                fields
-                    .iter()
-                    .find(|(k, _)| k == name)
-                    .map(|(_, v)| v.as_str())
-            };
+        replicas.iter().any(|fields| {
+            let get = |name: &str| fields.get(name).map(String::as_str);
             get("port") == Some(port.as_str())
                 && get("flags") == Some("slave")
                 && get("master-link-status") == Some("ok")

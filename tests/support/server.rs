@@ -3,19 +3,19 @@
 use std::ffi::OsStr;
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::Write;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use super::binaries;
+use super::client;
 use super::netns::Netns;
 use super::ports::{free_port, release_port, reservation_files};
-use super::resp::{self, Resp};
 
 /// How long a server may take to answer `PING` after its process starts.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,6 +100,24 @@ struct State {
 }
 
 impl RedisServer {
+    /// One `redis-server` per test binary, started on first use and shared by all its tests;
+    /// its process dies when the test process ends (see the watchdog above).
+    ///
+    /// Tests on it share its keyspace: each uses keys (or a namespace) of its own. A test that
+    /// kills, restarts, reconfigures, flushes or counts keys of the server should
+    /// [`start`](Self::start) a private one instead, since other tests run against the shared
+    /// one in parallel.
+    pub fn shared() -> &'static RedisServer {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        SHARED.get_or_init(RedisServer::start)
+    }
+
+    /// Like [`shared`](Self::shared), for `valkey-server`: one per test binary.
+    pub fn shared_valkey() -> &'static RedisServer {
+        static SHARED: OnceLock<RedisServer> = OnceLock::new();
+        SHARED.get_or_init(RedisServer::start_valkey)
+    }
+
     /// Starts `redis-server` ([`binaries::redis_server`]) and waits until it answers `PING`.
     pub fn start() -> Self {
         Self::start_with(&binaries::redis_server(), &[])
@@ -135,7 +153,7 @@ impl RedisServer {
     /// `ip netns exec` (it execs, no fork), so kill, drop and the watchdog work as for any
     /// server. [`url`](Self::url) and [`addr`](Self::addr) name `bind[0]`; [`cli`](Self::cli)
     /// runs `redis-cli` inside the namespace against its 127.0.0.1, so it works whatever
-    /// happens to the links. [`command`](Self::command) and [`request`](Self::request) talk
+    /// happens to the links. [`command`](Self::command), [`query`](Self::query) and [`connection`](Self::connection) talk
     /// to 127.0.0.1 of the test's own namespace, so for this server they return an error
     /// rather than reach some other server.
     pub fn start_in_netns(netns: &Netns, bind: &[&str], extra_args: &[&str]) -> Self {
@@ -310,32 +328,48 @@ impl RedisServer {
         )
     }
 
-    /// Sends one command over a raw RESP connection (authenticated with `--requirepass`, if
-    /// it was given) and returns the reply as text ([`Resp::to_text`]); a server error or a
-    /// connection problem is `Err`.
+    /// Sends one command on a new connection (authenticated with `--requirepass`, if it was
+    /// given) and returns the reply as text, the way `redis-cli --raw` prints it (nil is an
+    /// empty string, array elements one per line); a server error or a connection problem is
+    /// `Err`.
     pub fn command(&self, args: &[&str]) -> Result<String, String> {
-        match self.request(args) {
-            Ok(Resp::Error(e)) => Err(format!("{} {args:?}: {e}", self.addr())),
-            Ok(reply) => Ok(reply.to_text()),
-            Err(e) => Err(format!("{} {args:?}: {e}", self.addr())),
+        self.query(args)
+            .and_then(|reply| client::text(reply).map_err(|e| self.failed(args, e)))
+    }
+
+    /// Sends one command on a new connection (authenticated with `--requirepass`, if it was
+    /// given) and converts the reply with the `redis` crate (`Option<Vec<u8>>` for a `GET`,
+    /// `Vec<String>` for `KEYS`, `HashMap<String, String>` for a flat field/value array...);
+    /// a server error, a reply of another type or a connection problem is `Err`.
+    pub fn query<T: redis::FromRedisValue>(&self, args: &[&str]) -> Result<T, String> {
+        self.not_in_netns()?;
+        client::query(self.port, self.password.as_deref(), args, client::TIMEOUT)
+            .map_err(|e| self.failed(args, e))
+    }
+
+    /// A new synchronous `redis` crate connection to it, authenticated with `--requirepass`
+    /// if it was given; connect, read and write time out after 2 s. For what
+    /// [`query`](Self::query) cannot do in one command (a `MULTI`, a `MONITOR` stream...).
+    pub fn connection(&self) -> Result<redis::Connection, String> {
+        self.not_in_netns()?;
+        client::connect(self.port, self.password.as_deref(), client::TIMEOUT)
+            .map_err(|e| format!("connect to {}: {e}", self.addr()))
+    }
+
+    /// `Err` for a server in a network namespace: 127.0.0.1:P of the test's own namespace is
+    /// not it, and could be some other process's server.
+    fn not_in_netns(&self) -> Result<(), String> {
+        match &self.placement.netns {
+            Some(netns) => Err(format!(
+                "this server runs in network namespace {}: 127.0.0.1:{} here is not it (use cli)",
+                netns.name, self.port
+            )),
+            None => Ok(()),
         }
     }
 
-    /// Sends one command over a raw RESP connection (authenticated with `--requirepass`, if
-    /// it was given) and returns the reply.
-    pub fn request(&self, args: &[&str]) -> std::io::Result<Resp> {
-        if let Some(netns) = &self.placement.netns {
-            return Err(io::Error::other(format!(
-                "this server runs in network namespace {}: 127.0.0.1:{} here is not it (use cli)",
-                netns.name, self.port
-            )));
-        }
-        resp::request(
-            self.port,
-            self.password.as_deref(),
-            args,
-            Duration::from_secs(2),
-        )
+    fn failed(&self, args: &[&str], e: redis::RedisError) -> String {
+        format!("{} {args:?}: {e}", self.addr())
     }
 
     /// One field of `INFO <section>` (e.g. `info_field("replication", "role")`).
@@ -463,10 +497,9 @@ impl RedisServer {
                 text.contains("PONG") || text.contains("NOAUTH")
             });
         }
-        match resp::request(self.port, None, &["PING"], Duration::from_millis(500)) {
-            Ok(Resp::Simple(s)) => s == "PONG",
-            Ok(Resp::Error(e)) => e.starts_with("NOAUTH"),
-            _ => false,
+        match client::query::<String>(self.port, None, &["PING"], Duration::from_millis(500)) {
+            Ok(reply) => reply == "PONG",
+            Err(e) => e.code() == Some("NOAUTH"),
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Reading a Redis configuration for messages and TLS: the server label errors name, a URL
-//! with its password hidden, and a TLS configuration from PEM roots.
+//! Reading a Redis configuration: the URL (its scheme checked), the server label errors
+//! name, a URL with its password hidden, and a TLS configuration from PEM roots.
 
 use std::sync::Arc;
 
@@ -56,6 +56,44 @@ pub fn redact_url(url: &str) -> String {
         }
         None => rest,
     }
+}
+
+/// The URL schemes a Redis connection accepts (anything else is refused before connecting).
+const SCHEMES: &[&str] = &[
+    "redis",
+    "rediss",
+    "redis-cluster",
+    "rediss-cluster",
+    "redis-sentinel",
+    "rediss-sentinel",
+    "valkey",
+    "valkeys",
+    "valkey-cluster",
+    "valkeys-cluster",
+    "valkey-sentinel",
+    "valkeys-sentinel",
+];
+
+/// The `fred` configuration `url` describes; [`CacheError::Config`] for an unknown scheme or
+/// a URL `fred` cannot read (the message shows the URL redacted).
+pub(super) fn parse_url(url: &str) -> Result<Config, CacheError> {
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    if !scheme.is_some_and(|s| SCHEMES.contains(&s.to_ascii_lowercase().as_str())) {
+        return Err(CacheError::config(
+            format!(
+                "invalid Redis URL {}: the scheme must be one of {}",
+                redact_url(url),
+                SCHEMES.join(", ")
+            ),
+            None,
+        ));
+    }
+    Config::from_url(url).map_err(|e| {
+        CacheError::config(
+            format!("invalid Redis URL {}", redact_url(url)),
+            Some(Box::new(e)),
+        )
+    })
 }
 
 /// A TLS configuration that trusts exactly the certificates in `pem`.

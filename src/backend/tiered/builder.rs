@@ -145,10 +145,11 @@ impl TieredCacheServiceBuilder {
     }
 
     async fn build_tracking(self) -> Result<TieredCacheService, CacheError> {
-        let (fred, _, _) = self.redis.fred_builder()?;
-        let bound = self.redis.connect_bound();
         let l2 = self.redis.clone().build().await?;
         let shared = self.shared(false)?;
+        // The invalidation connections are opened with the L2 connection's settings.
+        let connection = l2.connection();
+        let (fred, bound) = (connection.fred_builder(), connection.connect_bound());
         let tracking = Tracking::start(&shared, &l2, fred, bound).await?;
         Ok(TieredCacheService {
             inner: Arc::new(Inner {
@@ -160,11 +161,12 @@ impl TieredCacheServiceBuilder {
     }
 
     async fn build_bus(self) -> Result<TieredCacheService, CacheError> {
-        let (fred, server, _) = self.redis.fred_builder()?;
-        let bound = self.redis.connect_bound();
         let l2 = self.redis.clone().build().await?;
         let shared = self.shared(true)?;
-        let bus = Bus::start(&shared, fred, &server, &l2, &self.channel_prefix, bound).await?;
+        let connection = l2.connection();
+        let (fred, bound) = (connection.fred_builder(), connection.connect_bound());
+        let server = connection.server();
+        let bus = Bus::start(&shared, fred, server, &l2, &self.channel_prefix, bound).await?;
         Ok(TieredCacheService {
             inner: Arc::new(Inner {
                 shared,

@@ -4,13 +4,13 @@
 //!
 //! Layout (big-endian): `b"CE"`, version `1`, flags (`0`: none defined yet), expiry in Unix
 //! milliseconds (`u64`), then the payload. Anything else is a
-//! [`CacheError::Serialization`], never a panic.
+//! [`CacheError::Integrity`], never a panic.
 
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::CacheError;
+use crate::{CacheError, IntegrityProblem};
 
 const MAGIC: &[u8; 2] = b"CE";
 const VERSION: u8 = 1;
@@ -66,26 +66,21 @@ impl Envelope {
         out.freeze()
     }
 
-    /// Reads an envelope; anything malformed is [`CacheError::Serialization`] naming `key`.
+    /// Reads an envelope; anything malformed is [`CacheError::Integrity`] naming `key` (layer
+    /// `"envelope"`).
     pub fn decode(key: &str, stored: &Bytes) -> Result<Envelope, CacheError> {
-        let bad = |what: String| CacheError::serialization::<Envelope>(key, "decode", what);
+        let bad = |problem| CacheError::integrity(key, "envelope", problem);
         if stored.len() < HEADER_LEN {
-            return Err(bad(format!(
-                "{} bytes is shorter than the {HEADER_LEN}-byte envelope header",
-                stored.len()
-            )));
+            return Err(bad(IntegrityProblem::Truncated));
         }
         if &stored[..2] != MAGIC {
-            return Err(bad("not a cachet envelope (bad magic)".to_owned()));
+            return Err(bad(IntegrityProblem::BadMagic));
         }
         if stored[2] != VERSION {
-            return Err(bad(format!(
-                "envelope version {} is not supported",
-                stored[2]
-            )));
+            return Err(bad(IntegrityProblem::UnknownVersion(stored[2])));
         }
         if stored[3] != 0 {
-            return Err(bad(format!("unknown envelope flags {:#04x}", stored[3])));
+            return Err(bad(IntegrityProblem::Malformed("flags")));
         }
         let mut expiry = [0u8; 8];
         expiry.copy_from_slice(&stored[4..12]);

@@ -111,6 +111,13 @@ impl TieredCacheService {
         }
     }
 
+    /// The L2's connection, to share with the locks
+    /// ([`RedisConcurrencyService::from_connection`](crate::RedisConcurrencyService::from_connection))
+    /// or another cache; the tiered cache's own tracking or bus connection is not part of it.
+    pub fn connection(&self) -> &crate::backend::redis::RedisConnection {
+        self.inner.l2.connection()
+    }
+
     /// This instance's id in invalidation messages.
     pub fn instance_id(&self) -> u64 {
         self.inner.shared.instance_id

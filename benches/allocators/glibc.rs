@@ -1,13 +1,14 @@
 //! The Redis `GET` path through `Arc<dyn CacheService>` with glibc's malloc as the global
 //! allocator (`std::alloc::System`, what a Rust binary on Linux uses unless it declares
-//! another); see `benches/common/alloc_bench.rs` and `scripts/bench-allocators`.
+//! another); see `benches/allocators/alloc_bench.rs` and `scripts/bench-allocators`.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
+#[path = "../common/mod.rs"]
 mod common;
 
-#[path = "common/alloc_bench.rs"]
+#[path = "alloc_bench.rs"]
 mod alloc_bench;
 
 #[global_allocator]

@@ -1,12 +1,13 @@
 //! The Redis `GET` path through `Arc<dyn CacheService>` with mimalloc (crate `mimalloc`) as the
-//! global allocator; see `benches/common/alloc_bench.rs` and `scripts/bench-allocators`.
+//! global allocator; see `benches/allocators/alloc_bench.rs` and `scripts/bench-allocators`.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
+#[path = "../common/mod.rs"]
 mod common;
 
-#[path = "common/alloc_bench.rs"]
+#[path = "alloc_bench.rs"]
 mod alloc_bench;
 
 #[global_allocator]

@@ -1,11 +1,12 @@
 //! The Redis `GET` path through `Arc<dyn CacheService>` under whatever global allocator the
-//! bench binary that includes this module declares (`benches/alloc_glibc.rs`,
-//! `alloc_mimalloc.rs`, `alloc_jemalloc.rs`), with or without the `future-slots` feature (the
+//! bench binary that includes this module declares (`benches/allocators/glibc.rs`,
+//! `mimalloc.rs`, `jemalloc.rs`; a package of its own, so that the main crate does not build two
+//! C allocators), with or without the `future-slots` feature (the
 //! build decides; the output says which). `scripts/bench-allocators` builds and runs the six
 //! combinations and prints the table; run by hand:
 //!
 //! ```text
-//! cargo bench --bench alloc_mimalloc [--features future-slots]
+//! cargo bench --manifest-path benches/allocators/Cargo.toml --bench alloc_mimalloc [--features future-slots]
 //! ```
 //!
 //! A `redis-server` is started on a free loopback port (never 6379), 4 000 keys are filled

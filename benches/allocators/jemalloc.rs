@@ -1,13 +1,14 @@
 //! The Redis `GET` path through `Arc<dyn CacheService>` with jemalloc (crate
-//! `tikv-jemallocator`) as the global allocator; see `benches/common/alloc_bench.rs` and
+//! `tikv-jemallocator`) as the global allocator; see `benches/allocators/alloc_bench.rs` and
 //! `scripts/bench-allocators`.
 
-#[path = "../tests/support/mod.rs"]
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
+#[path = "../common/mod.rs"]
 mod common;
 
-#[path = "common/alloc_bench.rs"]
+#[path = "alloc_bench.rs"]
 mod alloc_bench;
 
 #[global_allocator]

@@ -1,0 +1,104 @@
+//! What a cache read means for a load: a fresh hit, or a miss (with a fail-safe candidate).
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+
+use super::{LoadOptions, LoadSource, Loaded};
+use crate::CacheError;
+use crate::codec::{self, Frame, frame::now_ms};
+
+/// What a cache read means for a load.
+pub(super) enum Read<T> {
+    /// Fresh: the value (`None`: a cached "not found"), its JSON payload, and whether it is
+    /// a stale value fail-safe keeps serving for a throttle time.
+    Hit(Option<T>, Option<Bytes>, bool),
+    /// Not usable: load. `stale` is a fail-safe candidate.
+    Miss { stale: Option<Frame> },
+}
+
+/// What `read` (of `key`) means under `options`; an error worked around (a failed read,
+/// bytes that do not decode) is left in `cache_error`.
+pub(super) fn classify<T: DeserializeOwned>(
+    key: &str,
+    read: Result<Option<Bytes>, CacheError>,
+    options: &LoadOptions,
+    cache_error: &mut Option<CacheError>,
+) -> Read<T> {
+    let stored = match read {
+        Ok(Some(stored)) => stored,
+        Ok(None) => return Read::Miss { stale: None },
+        Err(error) => {
+            *cache_error = Some(error);
+            return Read::Miss { stale: None };
+        }
+    };
+    if !Frame::is_framed(&stored) {
+        return match codec::decode(key, &stored) {
+            Ok(value) => Read::Hit(Some(value), Some(stored), false),
+            Err(error) => {
+                *cache_error = Some(error);
+                Read::Miss { stale: None }
+            }
+        };
+    }
+    let frame = match Frame::decode(key, &stored) {
+        Ok(frame) => frame,
+        Err(error) => {
+            *cache_error = Some(error);
+            return Read::Miss { stale: None };
+        }
+    };
+    let now = now_ms();
+    if !frame.is_fresh(now) {
+        let usable = options.fail_safe.is_some() && !frame.absent && now < frame.stale_until_ms;
+        return Read::Miss {
+            stale: usable.then_some(frame),
+        };
+    }
+    if frame.absent {
+        // A caller that does not cache "not found" does not trust another caller's marker.
+        return if options.negative_ttl_secs.is_some() {
+            Read::Hit(None, None, false)
+        } else {
+            Read::Miss { stale: None }
+        };
+    }
+    match codec::decode(key, &frame.payload) {
+        Ok(value) => Read::Hit(Some(value), Some(frame.payload), frame.stale),
+        Err(error) => {
+            *cache_error = Some(error);
+            Read::Miss { stale: None }
+        }
+    }
+}
+
+/// A fresh hit in a read already made (the in-memory fast path), without touching the
+/// flight table; `None` for anything else (a miss, a stale value, an error, no read).
+pub(super) fn fresh_hit<T: DeserializeOwned>(
+    key: &str,
+    options: &LoadOptions,
+    first_read: &Option<Result<Option<Bytes>, CacheError>>,
+) -> Option<Loaded<T>> {
+    let Some(Ok(Some(stored))) = first_read else {
+        return None;
+    };
+    let mut ignored = None;
+    match classify::<T>(key, Ok(Some(stored.clone())), options, &mut ignored) {
+        Read::Hit(value, _, stale) => Some(Loaded {
+            value,
+            source: cached_source(stale),
+            cache_error: None,
+            written: None,
+        }),
+        Read::Miss { .. } => None,
+    }
+}
+
+/// The source of a cache hit: [`LoadSource::Stale`] for a value fail-safe keeps serving.
+pub(super) fn cached_source(stale: bool) -> LoadSource {
+    if stale {
+        LoadSource::Stale
+    } else {
+        LoadSource::Cache
+    }
+}
