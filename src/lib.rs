@@ -68,6 +68,7 @@
 // its two attributes is seen, and so writes it beside the enum, not inside the contract.
 pub mod codec;
 mod error;
+pub mod observe;
 pub mod service;
 
 mod ext;
@@ -120,6 +121,7 @@ pub use lock::{
 pub use middleware::{OrgLayer, OrgRejection, OrgService, OrgSource, ResolvedOrg};
 #[cfg(feature = "mock")]
 pub use mock::MockCacheService;
+pub use observe::CacheStats;
 #[cfg(feature = "tenancy")]
 pub use org::{OrgIdentity, OrgResolver, OrgStore, Resolved};
 pub use service::{CacheService, DEFAULT_TTL_SECS, MAX_TTL_SECS};

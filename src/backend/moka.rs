@@ -11,6 +11,7 @@ use moka::Expiry;
 use moka::sync::Cache as MokaCache;
 
 use crate::load::{Frame, Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
+use crate::observe::{Backend, CacheStats, Instruments, Op, observed};
 use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
 use crate::{CacheError, CacheService};
 
@@ -120,6 +121,9 @@ pub struct MokaCacheService {
     /// Shared by every clone (they share the store): see [`CacheService::flight_scope`].
     scope: u64,
     stripes: Arc<WriteStripes>,
+    instruments: Instruments,
+    /// `clear` calls, for [`stats`](Self::stats).
+    resets: Arc<AtomicU64>,
 }
 
 struct WriteStripes {
@@ -173,6 +177,33 @@ impl MokaCacheService {
     /// in their own bounded space.
     pub fn negative_entry_count(&self) -> u64 {
         self.negatives.entry_count()
+    }
+
+    /// A snapshot: entries, their weight, hits and misses (with the `metrics` feature) and
+    /// `clear` calls. See [`CacheStats`].
+    pub fn stats(&self) -> CacheStats {
+        let (hits, misses) = self.instruments.reads();
+        CacheStats {
+            entries: self.entry_count(),
+            weighted_size: self.cache.weighted_size() + self.negatives.weighted_size(),
+            hits,
+            misses,
+            resets: self.resets.load(Ordering::Relaxed),
+        }
+    }
+
+    /// This cache as a tiered instance's L1: its operations are labelled `l1`, and the
+    /// tiered service counts its reads.
+    #[cfg(feature = "redis")]
+    pub(crate) fn into_l1(mut self) -> Self {
+        self.instruments = Instruments::new(Backend::L1Store, None);
+        self
+    }
+
+    /// What a read of `key` sees, uncounted (the tiered cache's L1 reads).
+    #[cfg(feature = "redis")]
+    pub(crate) fn peek(&self, key: &str) -> Option<Bytes> {
+        self.read(key)
     }
 
     /// Stores `value` under `key` for `ttl` (any duration; used by the tiered cache's L1).
@@ -233,6 +264,7 @@ impl MokaCacheService {
 
     /// Drops every entry (moka applies it lazily; reads stop seeing them at once).
     pub fn clear(&self) {
+        self.resets.fetch_add(1, Ordering::Relaxed);
         self.cache.invalidate_all();
         self.negatives.invalidate_all();
     }
@@ -265,14 +297,98 @@ impl fmt::Debug for MokaCacheService {
 #[async_trait]
 impl CacheService for MokaCacheService {
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        Ok(self.read(key))
+        self.get_now(key)
     }
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
-        Some(Ok(self.read(key)))
+        Some(self.get_now(key))
     }
 
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
+        observed!(
+            self.instruments,
+            Op::Lease,
+            key,
+            self.lease_now(key, request)
+        )
+    }
+
+    async fn set_leased(
+        &self,
+        key: &str,
+        lease: &Lease,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<bool, CacheError> {
+        observed!(self.instruments, Op::SetLeased, key, async {
+            let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
+            let _write = self.stripes.lock(key);
+            if !self.holds(key, lease.token()) {
+                return Ok(false);
+            }
+            self.put(key, Entry::value(value, ttl));
+            Ok(true)
+        })
+    }
+
+    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
+        observed!(self.instruments, Op::ReleaseLease, key, async {
+            self.release_now(key, lease.token());
+            Ok(())
+        })
+    }
+
+    fn flight_scope(&self) -> u64 {
+        self.scope
+    }
+
+    async fn set_bytes(
+        &self,
+        key: &str,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<(), CacheError> {
+        observed!(self.instruments, Op::Set, key, async {
+            let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
+            let _write = self.stripes.lock(key);
+            self.put(key, Entry::value(value, ttl));
+            Ok(())
+        })
+    }
+
+    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
+        observed!(self.instruments, Op::Invalidate, key, async {
+            let _write = self.stripes.lock(key);
+            self.remove(key);
+            Ok(())
+        })
+    }
+
+    async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+        observed!(
+            self.instruments,
+            Op::InvalidatePrefix,
+            prefix,
+            self.invalidate_prefix_now(prefix)
+        )
+    }
+}
+
+impl MokaCacheService {
+    /// A read, observed (the one `get_bytes` and `get_bytes_now` share).
+    #[inline(always)]
+    fn get_now(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
+        #[cfg(any(feature = "metrics", feature = "tracing"))]
+        return self.instruments.now(Op::Get, key, || {
+            let value = self.read(key);
+            self.instruments.read(value.is_some());
+            Ok(value)
+        });
+        #[cfg(not(any(feature = "metrics", feature = "tracing")))]
+        Ok(self.read(key))
+    }
+
+    async fn lease_now(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
         let _write = self.stripes.lock(key);
         let now = Instant::now();
         if request.renew && !self.holds(key, &request.token) {
@@ -314,50 +430,7 @@ impl CacheService for MokaCacheService {
         )))
     }
 
-    async fn set_leased(
-        &self,
-        key: &str,
-        lease: &Lease,
-        value: Bytes,
-        ttl_secs: Option<u64>,
-    ) -> Result<bool, CacheError> {
-        let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
-        let _write = self.stripes.lock(key);
-        if !self.holds(key, lease.token()) {
-            return Ok(false);
-        }
-        self.put(key, Entry::value(value, ttl));
-        Ok(true)
-    }
-
-    async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
-        self.release_now(key, lease.token());
-        Ok(())
-    }
-
-    fn flight_scope(&self) -> u64 {
-        self.scope
-    }
-
-    async fn set_bytes(
-        &self,
-        key: &str,
-        value: Bytes,
-        ttl_secs: Option<u64>,
-    ) -> Result<(), CacheError> {
-        let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
-        let _write = self.stripes.lock(key);
-        self.put(key, Entry::value(value, ttl));
-        Ok(())
-    }
-
-    async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
-        let _write = self.stripes.lock(key);
-        self.remove(key);
-        Ok(())
-    }
-
-    async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
+    async fn invalidate_prefix_now(&self, prefix: &str) -> Result<u64, CacheError> {
         // moka's `invalidate_entries_if` can miss matching entries and gives no count, so
         // collect the matching keys first (`iter` skips expired entries), then remove them
         // one by one, counting those this call really removed: not the ones another caller
@@ -514,6 +587,8 @@ impl MokaCacheServiceBuilder {
             capacity: self.capacity,
             scope: crate::service::new_flight_scope(),
             stripes: Arc::new(WriteStripes::new()),
+            instruments: Instruments::new(Backend::Memory, None),
+            resets: Arc::new(AtomicU64::new(0)),
         }
     }
 }

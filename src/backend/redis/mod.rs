@@ -31,6 +31,7 @@ pub use self::scan::{DEFAULT_SCAN_COUNT, escape_glob};
 #[cfg(feature = "future-slots")]
 use crate::future_slot::boxed as box_future;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
+use crate::observe::{Backend, Instruments, Op, observed};
 use crate::service::{BoxFuture, resolve_ttl};
 use crate::{BoxError, CacheError, CacheService};
 
@@ -79,6 +80,7 @@ pub struct RedisCacheService {
 struct Inner {
     connection: RedisConnection,
     settings: Settings,
+    instruments: Instruments,
 }
 
 /// The cache's own settings, on top of its connection's.
@@ -131,6 +133,7 @@ impl RedisCacheService {
     pub(super) fn with_settings(connection: RedisConnection, settings: Settings) -> Self {
         RedisCacheService {
             inner: Arc::new(Inner {
+                instruments: Instruments::new(Backend::Redis, Some(connection.server())),
                 connection,
                 settings,
             }),
@@ -269,13 +272,17 @@ impl CacheService for RedisCacheService {
         Self: 'f,
     {
         box_future(move || async move {
-            let full = self.full_key(key);
-            match self.client().get::<Option<Bytes>, _>(full.as_ref()).await {
-                Ok(value) => Ok(value),
-                // A cache-aside lease (a hash, see `redis_lease`) reads as a miss.
-                Err(e) if e.details().starts_with("WRONGTYPE") => Ok(None),
-                Err(e) => Err(self.backend_error("get", key, e)),
-            }
+            observed!(self.inner.instruments, Op::Get, key, async {
+                let full = self.full_key(key);
+                let value = match self.client().get::<Option<Bytes>, _>(full.as_ref()).await {
+                    Ok(value) => value,
+                    // A cache-aside lease (a hash, see `redis_lease`) reads as a miss.
+                    Err(e) if e.details().starts_with("WRONGTYPE") => None,
+                    Err(e) => return Err(self.backend_error("get", key, e)),
+                };
+                self.inner.instruments.read(value.is_some());
+                Ok(value)
+            })
         })
     }
 
@@ -291,20 +298,22 @@ impl CacheService for RedisCacheService {
         Self: 'f,
     {
         box_future(move || async move {
-            let ttl = resolve_ttl(key, ttl_secs, self.default_ttl())?;
-            // At most 100 years of milliseconds: far inside i64.
-            let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-            let full = self.full_key(key);
-            self.client()
-                .set::<(), _, _>(
-                    full.as_ref(),
-                    value,
-                    Some(Expiration::PX(millis)),
-                    None,
-                    false,
-                )
-                .await
-                .map_err(|e| self.backend_error("set", key, e))
+            observed!(self.inner.instruments, Op::Set, key, async {
+                let ttl = resolve_ttl(key, ttl_secs, self.default_ttl())?;
+                // At most 100 years of milliseconds: far inside i64.
+                let millis = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+                let full = self.full_key(key);
+                self.client()
+                    .set::<(), _, _>(
+                        full.as_ref(),
+                        value,
+                        Some(Expiration::PX(millis)),
+                        None,
+                        false,
+                    )
+                    .await
+                    .map_err(|e| self.backend_error("set", key, e))
+            })
         })
     }
 
@@ -315,17 +324,24 @@ impl CacheService for RedisCacheService {
         Self: 'f,
     {
         box_future(move || async move {
-            let full = self.full_key(key);
-            self.client()
-                .unlink::<u64, _>(full.as_ref())
-                .await
-                .map(drop)
-                .map_err(|e| self.backend_error("invalidate", key, e))
+            observed!(self.inner.instruments, Op::Invalidate, key, async {
+                let full = self.full_key(key);
+                self.client()
+                    .unlink::<u64, _>(full.as_ref())
+                    .await
+                    .map(drop)
+                    .map_err(|e| self.backend_error("invalidate", key, e))
+            })
         })
     }
 
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
-        self.lease_now(key, request).await
+        observed!(
+            self.inner.instruments,
+            Op::Lease,
+            key,
+            self.lease_now(key, request)
+        )
     }
 
     async fn set_leased(
@@ -335,14 +351,29 @@ impl CacheService for RedisCacheService {
         value: Bytes,
         ttl_secs: Option<u64>,
     ) -> Result<bool, CacheError> {
-        self.set_leased_now(key, lease, value, ttl_secs).await
+        observed!(
+            self.inner.instruments,
+            Op::SetLeased,
+            key,
+            self.set_leased_now(key, lease, value, ttl_secs)
+        )
     }
 
     async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
-        self.release_lease_now(key, lease).await
+        observed!(
+            self.inner.instruments,
+            Op::ReleaseLease,
+            key,
+            self.release_lease_now(key, lease)
+        )
     }
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
-        self.invalidate_prefix_now(prefix).await
+        observed!(
+            self.inner.instruments,
+            Op::InvalidatePrefix,
+            prefix,
+            self.invalidate_prefix_now(prefix)
+        )
     }
 }

@@ -9,7 +9,8 @@ use super::shared::Shared;
 use super::tracking::Tracking;
 use super::{DEFAULT_L1_MAX_TTL, Inner, Stream, TieredCacheService};
 use crate::invalidation;
-use crate::{CacheError, MokaCacheService, RedisCacheServiceBuilder};
+use crate::observe::{Backend, Instruments};
+use crate::{CacheError, MokaCacheService, RedisCacheService, RedisCacheServiceBuilder};
 
 /// How an instance learns that what its L1 holds changed in Redis.
 ///
@@ -135,18 +136,23 @@ impl TieredCacheServiceBuilder {
         }
     }
 
-    fn shared(&self, own_writes_fill: bool) -> Result<Arc<Shared>, CacheError> {
+    fn shared(
+        &self,
+        l2: &RedisCacheService,
+        own_writes_fill: bool,
+    ) -> Result<Arc<Shared>, CacheError> {
         Ok(Arc::new(Shared::new(
-            self.l1.clone().build()?,
+            self.l1.clone().build()?.into_l1(),
             self.l1_max_ttl,
             instance_id(),
             own_writes_fill,
+            Instruments::new(Backend::Tiered, Some(l2.connection().server())),
         )))
     }
 
     async fn build_tracking(self) -> Result<TieredCacheService, CacheError> {
         let l2 = self.redis.clone().build().await?;
-        let shared = self.shared(false)?;
+        let shared = self.shared(&l2, false)?;
         // The invalidation connections are opened with the L2 connection's settings.
         let connection = l2.connection();
         let (fred, bound) = (connection.fred_builder(), connection.connect_bound());
@@ -162,7 +168,7 @@ impl TieredCacheServiceBuilder {
 
     async fn build_bus(self) -> Result<TieredCacheService, CacheError> {
         let l2 = self.redis.clone().build().await?;
-        let shared = self.shared(true)?;
+        let shared = self.shared(&l2, true)?;
         let connection = l2.connection();
         let (fred, bound) = (connection.fred_builder(), connection.connect_bound());
         let server = connection.server();

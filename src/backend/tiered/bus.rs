@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use super::shared::Shared;
 use crate::invalidation::{self, Message, Operation};
+use crate::observe::ResetReason;
 use crate::{CacheError, RedisCacheService};
 
 /// How many pub/sub messages may wait for the listener before it counts as fallen behind
@@ -123,6 +124,7 @@ impl Bus {
         operation: Operation,
         key: &str,
     ) -> Result<(), CacheError> {
+        let hello = operation == Operation::Hello;
         let message = Message {
             origin: shared.instance_id,
             operation,
@@ -130,7 +132,11 @@ impl Bus {
         l2.client()
             .publish::<i64, _, _>(self.channel.as_str(), message.encode())
             .await
-            .map(drop)
+            .map(|_| {
+                if !hello {
+                    crate::observe::invalidation_sent();
+                }
+            })
             .map_err(|e| {
                 CacheError::backend(
                     l2.server().to_owned(),
@@ -181,11 +187,13 @@ async fn listen(
                         }
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => shared.reset(),
+                Err(broadcast::error::RecvError::Lagged(_)) => shared.reset(ResetReason::Lagged),
                 Err(broadcast::error::RecvError::Closed) => return,
             },
             reconnect = reconnects.recv() => match reconnect {
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => shared.reset_unconfirmed(),
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    shared.reset_unconfirmed(ResetReason::Reconnect)
+                }
                 Err(broadcast::error::RecvError::Closed) => return,
             },
         }

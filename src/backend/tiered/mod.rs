@@ -27,6 +27,7 @@ use self::invalidation::Operation;
 use self::shared::Shared;
 pub use self::tracking::CHECK_EVERY as TRACKING_CHECK_EVERY;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
+use crate::observe::{CacheStats, Op, ResetReason, observed};
 use crate::service::resolve_ttl;
 use crate::{CacheError, CacheService, RedisCacheService, RedisCacheServiceBuilder};
 
@@ -194,6 +195,21 @@ impl TieredCacheService {
         self.inner.shared.resets.load(Ordering::SeqCst)
     }
 
+    /// A snapshot of this instance's L1: entries, their weight, L1 hits and misses (with the
+    /// `metrics` feature; Redis reads are counted by the `redis` layer's metrics) and resets
+    /// ([`l1_resets`](Self::l1_resets)). See [`CacheStats`].
+    pub fn stats(&self) -> CacheStats {
+        let shared = &self.inner.shared;
+        let l1 = shared.l1.stats();
+        let (hits, misses) = shared.instruments.reads();
+        CacheStats {
+            hits,
+            misses,
+            resets: shared.resets.load(Ordering::SeqCst),
+            ..l1
+        }
+    }
+
     /// Malformed messages seen on the channel (ignored).
     pub fn malformed_messages(&self) -> u64 {
         self.inner.shared.malformed.load(Ordering::SeqCst)
@@ -210,7 +226,7 @@ impl TieredCacheService {
         // Nothing heard from now on: what the L1 holds may go stale, so drop it, and keep
         // it empty.
         self.inner.shared.coherence.set_confirmed(false);
-        self.inner.shared.reset();
+        self.inner.shared.reset(ResetReason::Shutdown);
     }
 
     /// Bus mode: publishes `operation` for the other instances. With tracking the server
@@ -248,25 +264,36 @@ impl CacheService for TieredCacheService {
     }
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {
-        let shared = &self.inner.shared;
-        if let Some(hit) = shared.l1_hit(key) {
-            return Ok(Some(hit));
-        }
-        let ticket = shared.coherence.ticket(key);
-        let Some(stored) = self.inner.l2.get_bytes(key).await? else {
-            return Ok(None);
-        };
-        let envelope = Envelope::decode(key, &stored)?;
-        if envelope.remaining().is_zero() {
-            return Ok(None);
-        }
-        shared.fill(key, &envelope, &ticket);
-        Ok(Some(envelope.payload))
+        observed!(self.inner.shared.instruments, Op::Get, key, async {
+            let shared = &self.inner.shared;
+            if let Some(hit) = shared.l1_hit(key) {
+                shared.instruments.read(true);
+                return Ok(Some(hit));
+            }
+            shared.instruments.read(false);
+            let ticket = shared.coherence.ticket(key);
+            let Some(stored) = self.inner.l2.get_bytes(key).await? else {
+                return Ok(None);
+            };
+            let envelope = Envelope::decode(key, &stored)?;
+            if envelope.remaining().is_zero() {
+                return Ok(None);
+            }
+            shared.fill(key, &envelope, &ticket);
+            Ok(Some(envelope.payload))
+        })
     }
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
-        // A miss in L1 says nothing about L2.
-        self.inner.shared.l1_hit(key).map(|hit| Ok(Some(hit)))
+        // A miss in L1 says nothing about L2 (`get_bytes` follows, and counts it).
+        let instruments = &self.inner.shared.instruments;
+        #[cfg(any(feature = "metrics", feature = "tracing"))]
+        return instruments.hit_now(Op::Get, key, || self.inner.shared.l1_hit(key));
+        #[cfg(not(any(feature = "metrics", feature = "tracing")))]
+        {
+            let _ = instruments;
+            self.inner.shared.l1_hit(key).map(|hit| Ok(Some(hit)))
+        }
     }
 
     async fn set_bytes(
@@ -275,71 +302,84 @@ impl CacheService for TieredCacheService {
         value: Bytes,
         ttl_secs: Option<u64>,
     ) -> Result<(), CacheError> {
-        let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
-        let envelope = Envelope::new(value, ttl);
-        let shared = &self.inner.shared;
-        let ticket = shared.coherence.ticket(key);
-        self.inner
-            .l2
-            .set_bytes(key, envelope.encode(), ttl_secs)
-            .await?;
-        shared.own_write(key, envelope.payload, ttl, &ticket);
-        self.publish(Operation::Key(key.to_owned()), key).await
+        observed!(self.inner.shared.instruments, Op::Set, key, async {
+            let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
+            let envelope = Envelope::new(value, ttl);
+            let shared = &self.inner.shared;
+            let ticket = shared.coherence.ticket(key);
+            self.inner
+                .l2
+                .set_bytes(key, envelope.encode(), ttl_secs)
+                .await?;
+            shared.own_write(key, envelope.payload, ttl, &ticket);
+            self.publish(Operation::Key(key.to_owned()), key).await
+        })
     }
 
     async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
-        self.inner.l2.invalidate(key).await?;
-        self.inner.shared.coherence.touch(key);
-        self.inner.shared.l1.forget(key);
-        self.publish(Operation::Key(key.to_owned()), key).await
+        observed!(self.inner.shared.instruments, Op::Invalidate, key, async {
+            self.inner.l2.invalidate(key).await?;
+            self.inner.shared.coherence.touch(key);
+            self.inner.shared.l1.forget(key);
+            self.publish(Operation::Key(key.to_owned()), key).await
+        })
     }
 
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError> {
-        let removed = self.inner.l2.invalidate_prefix(prefix).await?;
-        self.inner.shared.coherence.touch_all();
-        self.inner.shared.l1.invalidate_prefix(prefix).await?;
-        self.publish(Operation::Prefix(prefix.to_owned()), prefix)
-            .await?;
-        Ok(removed)
+        observed!(
+            self.inner.shared.instruments,
+            Op::InvalidatePrefix,
+            prefix,
+            async {
+                let removed = self.inner.l2.invalidate_prefix(prefix).await?;
+                self.inner.shared.coherence.touch_all();
+                self.inner.shared.l1.invalidate_prefix(prefix).await?;
+                self.publish(Operation::Prefix(prefix.to_owned()), prefix)
+                    .await?;
+                Ok(removed)
+            }
+        )
     }
 
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
-        let shared = &self.inner.shared;
-        let mut request = std::borrow::Cow::Borrowed(request);
-        // Twice at most: a value found past its envelope's expiry is replaced by the lease.
-        for _ in 0..2 {
-            let ticket = shared.coherence.ticket(key);
-            match self.inner.l2.lease(key, &request).await? {
-                LeaseRead::Value { value, version } => {
-                    let envelope = match Envelope::decode(key, &value) {
-                        Ok(envelope) => envelope,
-                        Err(error) => return Ok(LeaseRead::Unreadable { error, version }),
-                    };
-                    if envelope.remaining().is_zero() {
-                        request.to_mut().replace = Some(version);
-                        continue;
+        observed!(self.inner.shared.instruments, Op::Lease, key, async {
+            let shared = &self.inner.shared;
+            let mut request = std::borrow::Cow::Borrowed(request);
+            // Twice at most: a value found past its envelope's expiry is replaced by the lease.
+            for _ in 0..2 {
+                let ticket = shared.coherence.ticket(key);
+                match self.inner.l2.lease(key, &request).await? {
+                    LeaseRead::Value { value, version } => {
+                        let envelope = match Envelope::decode(key, &value) {
+                            Ok(envelope) => envelope,
+                            Err(error) => return Ok(LeaseRead::Unreadable { error, version }),
+                        };
+                        if envelope.remaining().is_zero() {
+                            request.to_mut().replace = Some(version);
+                            continue;
+                        }
+                        // With tracking, a key read by a script may not be tracked: fill from plain reads only.
+                        if matches!(self.inner.stream, Stream::Bus(_)) {
+                            shared.fill(key, &envelope, &ticket);
+                        }
+                        return Ok(LeaseRead::Value {
+                            value: envelope.payload,
+                            version,
+                        });
                     }
-                    // With tracking, a key read by a script may not be tracked: fill from plain reads only.
-                    if matches!(self.inner.stream, Stream::Bus(_)) {
-                        shared.fill(key, &envelope, &ticket);
+                    LeaseRead::Granted(lease) => {
+                        // Whatever this L1 held for the key (an unusable copy) goes.
+                        shared.coherence.touch(key);
+                        shared.l1.forget(key);
+                        return Ok(LeaseRead::Granted(lease));
                     }
-                    return Ok(LeaseRead::Value {
-                        value: envelope.payload,
-                        version,
-                    });
+                    other => return Ok(other),
                 }
-                LeaseRead::Granted(lease) => {
-                    // Whatever this L1 held for the key (an unusable copy) goes.
-                    shared.coherence.touch(key);
-                    shared.l1.forget(key);
-                    return Ok(LeaseRead::Granted(lease));
-                }
-                other => return Ok(other),
             }
-        }
-        // It changed under us twice: let the caller ask again.
-        Ok(LeaseRead::Held {
-            remaining: Duration::ZERO,
+            // It changed under us twice: let the caller ask again.
+            Ok(LeaseRead::Held {
+                remaining: Duration::ZERO,
+            })
         })
     }
 
@@ -350,23 +390,30 @@ impl CacheService for TieredCacheService {
         value: Bytes,
         ttl_secs: Option<u64>,
     ) -> Result<bool, CacheError> {
-        let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
-        let envelope = Envelope::new(value, ttl);
-        let shared = &self.inner.shared;
-        let ticket = shared.coherence.ticket(key);
-        let stored = self
-            .inner
-            .l2
-            .set_leased(key, lease, envelope.encode(), ttl_secs)
-            .await?;
-        // The key held our lease, so no instance holds a usable copy: nobody to tell.
-        if stored {
-            shared.own_write(key, envelope.payload, ttl, &ticket);
-        }
-        Ok(stored)
+        observed!(self.inner.shared.instruments, Op::SetLeased, key, async {
+            let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
+            let envelope = Envelope::new(value, ttl);
+            let shared = &self.inner.shared;
+            let ticket = shared.coherence.ticket(key);
+            let stored = self
+                .inner
+                .l2
+                .set_leased(key, lease, envelope.encode(), ttl_secs)
+                .await?;
+            // The key held our lease, so no instance holds a usable copy: nobody to tell.
+            if stored {
+                shared.own_write(key, envelope.payload, ttl, &ticket);
+            }
+            Ok(stored)
+        })
     }
 
     async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
-        self.inner.l2.release_lease(key, lease).await
+        observed!(
+            self.inner.shared.instruments,
+            Op::ReleaseLease,
+            key,
+            async { self.inner.l2.release_lease(key, lease).await }
+        )
     }
 }

@@ -11,6 +11,7 @@ use tokio::sync::{Notify, watch};
 use super::coherence::{Coherence, Ticket};
 use crate::envelope::Envelope;
 use crate::invalidation::{Message, Operation};
+use crate::observe::{self, Instruments, ResetReason};
 use crate::{CacheService, MokaCacheService};
 
 pub(super) struct Shared {
@@ -34,6 +35,8 @@ pub(super) struct Shared {
     /// tracks only keys this connection *read*, so a value written and never read would get
     /// no invalidation; the next read fills it (and so tracks it).
     pub(super) own_writes_fill: bool,
+    /// The tiered service's metric handles and span settings (its reads are the `l1` layer).
+    pub(super) instruments: Instruments,
 }
 
 impl Shared {
@@ -42,8 +45,10 @@ impl Shared {
         l1_max_ttl: Duration,
         instance_id: u64,
         own_writes_fill: bool,
+        instruments: Instruments,
     ) -> Self {
         Shared {
+            instruments,
             own_writes_fill,
             l1,
             l1_max_ttl,
@@ -82,6 +87,7 @@ impl Shared {
             Operation::Clear => self.drop_all(),
             Operation::Hello => return,
         }
+        observe::invalidation_received("bus");
         self.applied.send_modify(|n| *n += 1);
     }
 
@@ -99,11 +105,13 @@ impl Shared {
 
     /// Counts one applied invalidation (tracking mode applies them itself).
     pub(super) fn count_applied(&self) {
+        observe::invalidation_received("tracking");
         self.applied.send_modify(|n| *n += 1);
     }
 
     /// Messages may have been lost: drop the whole L1.
-    pub(super) fn reset(&self) {
+    pub(super) fn reset(&self, reason: ResetReason) {
+        observe::l1_reset(reason);
         self.drop_all();
         self.resets.fetch_add(1, Ordering::SeqCst);
         self.applied.send_modify(|n| *n += 1);
@@ -111,19 +119,18 @@ impl Shared {
 
     /// The invalidation stream was re-established: drop the L1, and fill it again only once
     /// the new stream is confirmed live.
-    pub(super) fn reset_unconfirmed(&self) {
+    pub(super) fn reset_unconfirmed(&self, reason: ResetReason) {
         self.coherence.set_confirmed(false);
         self.heard_self.send_replace(false);
-        self.reset();
+        self.reset(reason);
         self.reconfirm.notify_one();
     }
 
     /// An L1 hit for `key`, unless a prefix scan covering it is still running.
     pub(super) fn l1_hit(&self, key: &str) -> Option<Bytes> {
-        match self.l1.get_bytes_now(key) {
-            Some(Ok(Some(hit))) if !self.coherence.is_pending(key) => Some(hit),
-            _ => None,
-        }
+        self.l1
+            .peek(key)
+            .filter(|_| !self.coherence.is_pending(key))
     }
 
     /// Puts a value read from L2 into the L1 if nothing touched its key since `ticket`.

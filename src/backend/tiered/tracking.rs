@@ -43,6 +43,7 @@ use tokio::task::JoinHandle;
 
 use super::bus::SUBSCRIBER_CAPACITY;
 use super::shared::Shared;
+use crate::observe::ResetReason;
 use crate::{CacheError, RedisCacheService};
 
 /// The channel on which Redis sends redirected invalidations to a RESP2 connection.
@@ -118,7 +119,7 @@ impl State {
         let mut losses = self.losses.lock().unwrap_or_else(PoisonError::into_inner);
         *losses += 1;
         if self.shared.coherence.is_confirmed() {
-            self.shared.reset_unconfirmed();
+            self.shared.reset_unconfirmed(ResetReason::Lost);
         }
         drop(losses);
         self.wake.notify_one();
@@ -376,7 +377,7 @@ fn watch_subscriber(
             match invalidations.recv().await {
                 Ok(invalidation) => apply(&shared, &namespace, &invalidation),
                 // Some were lost: the L1 goes (the stream itself is live).
-                Err(broadcast::error::RecvError::Lagged(_)) => shared.reset(),
+                Err(broadcast::error::RecvError::Lagged(_)) => shared.reset(ResetReason::Lagged),
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }
