@@ -107,6 +107,53 @@ where
     F: FnOnce() -> Fut + Send,
     Fut: Future<Output = Result<Option<(T, LoadTtl)>, E>> + Send,
 {
+    #[cfg(feature = "metrics")]
+    {
+        let started = std::time::Instant::now();
+        let result = load_unobserved(cache, key, options, first_read, loader).await;
+        if let Some(outcome) = load_outcome(&result) {
+            crate::observe::load_finished(outcome, started.elapsed());
+        }
+        result
+    }
+    #[cfg(not(feature = "metrics"))]
+    load_unobserved(cache, key, options, first_read, loader).await
+}
+
+/// What `cachet_loads_total` counts a finished slow path as; `None` for a hit found on it
+/// (no load ran or was joined).
+#[cfg(feature = "metrics")]
+fn load_outcome<T, E>(
+    result: &Result<Loaded<T>, LoadError<E>>,
+) -> Option<crate::observe::LoadOutcome> {
+    use crate::observe::LoadOutcome;
+    Some(match result {
+        Ok(loaded) => match loaded.source {
+            LoadSource::Cache => return None,
+            LoadSource::Loader if loaded.value.is_none() => LoadOutcome::Negative,
+            LoadSource::Loader => LoadOutcome::Loaded,
+            LoadSource::Joined => LoadOutcome::Joined,
+            LoadSource::Stale => LoadOutcome::Stale,
+        },
+        Err(LoadError::Timeout { .. }) => LoadOutcome::Timeout,
+        Err(_) => LoadOutcome::Error,
+    })
+}
+
+async fn load_unobserved<S, T, E, F, Fut>(
+    cache: &S,
+    key: &str,
+    options: &LoadOptions,
+    first_read: Option<Result<Option<Bytes>, CacheError>>,
+    loader: F,
+) -> Result<Loaded<T>, LoadError<E>>
+where
+    S: CacheService + ?Sized,
+    T: Serialize + DeserializeOwned + Send,
+    E: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = Result<Option<(T, LoadTtl)>, E>> + Send,
+{
     options.check(key)?;
 
     let mut cache_error = None;

@@ -170,6 +170,7 @@ fn look(state: &mut State, renewals: &mut FuturesUnordered<BoxFuture<'static, Re
             continue;
         };
         if now >= held.lease.valid_until {
+            crate::observe::lock_lost("redis");
             let _ = held.lease.lost.send(true);
             state.held.remove(&id);
             continue;
@@ -219,6 +220,7 @@ fn answered(state: &mut State, id: u64, sent: Instant, result: Result<i64, fred:
             held.renew_at = sent + held.lease.lease / 3;
         }
         Ok(_) => {
+            crate::observe::lock_lost("redis");
             let _ = held.lease.lost.send(true);
             state.held.remove(&id);
             return;

@@ -105,6 +105,15 @@ impl HeldLock for LocalHeld {
 #[async_trait]
 impl ConcurrencyService for LocalConcurrencyService {
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard, LockError> {
+        let started = Instant::now();
+        let result = self.acquire_now(key, options).await;
+        super::observe_acquire("local", &result, started);
+        result
+    }
+}
+
+impl LocalConcurrencyService {
+    async fn acquire_now(&self, key: &str, options: &LockOptions) -> Result<LockGuard, LockError> {
         options.check(key)?;
         let mutex = {
             let mut keys = self

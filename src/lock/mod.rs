@@ -417,3 +417,24 @@ pub async fn build_concurrency_service(
         None => Arc::new(LocalConcurrencyService::default()),
     })
 }
+
+/// Counts a finished `acquire` on the `backend` lock service (`cachet_lock_wait_seconds`,
+/// `cachet_lock_acquired_total`; nothing without the `metrics` feature).
+#[inline(always)]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+fn observe_acquire(
+    backend: &'static str,
+    result: &Result<LockGuard, LockError>,
+    started: std::time::Instant,
+) {
+    #[cfg(feature = "metrics")]
+    {
+        use crate::observe::LockOutcome;
+        let outcome = match result {
+            Ok(_) => LockOutcome::Acquired,
+            Err(LockError::Timeout { .. }) => LockOutcome::Timeout,
+            Err(_) => LockOutcome::Error,
+        };
+        crate::observe::lock_acquire(backend, outcome, started.elapsed());
+    }
+}

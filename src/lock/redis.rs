@@ -379,6 +379,15 @@ impl Drop for Pending {
 #[async_trait]
 impl ConcurrencyService for RedisConcurrencyService {
     async fn acquire(&self, key: &str, options: &LockOptions) -> Result<LockGuard, LockError> {
+        let started = Instant::now();
+        let result = self.acquire_now(key, options).await;
+        super::observe_acquire("redis", &result, started);
+        result
+    }
+}
+
+impl RedisConcurrencyService {
+    async fn acquire_now(&self, key: &str, options: &LockOptions) -> Result<LockGuard, LockError> {
         options.check(key)?;
         let client = self.redis.client().clone();
         let token = random_token();

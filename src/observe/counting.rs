@@ -1,4 +1,4 @@
-//! The `metrics` side of [`Instruments`](super::Instruments): handles registered once per
+//! The `metrics` side of `Instruments`: handles registered once per
 //! service, and the hit and miss counts its [`CacheStats`](super::CacheStats) reports.
 
 use std::cell::Cell;

@@ -3,7 +3,7 @@
 //! (feature `tracing`), and [`CacheStats`] snapshots.
 //!
 //! With both features off, none of this is compiled into the operations: no counter, no
-//! clock read, no branch (the per-service [`Instruments`] is then a zero-sized type whose
+//! clock read, no branch (the per-service instruments are then a zero-sized type whose
 //! methods are empty and inlined away).
 //!
 //! # Metrics

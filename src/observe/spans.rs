@@ -1,4 +1,4 @@
-//! The `tracing` side of [`Instruments`](super::Instruments): one span per operation, after
+//! The `tracing` side of `Instruments`: one span per operation, after
 //! OpenTelemetry's database-client conventions.
 
 use std::sync::atomic::{AtomicBool, Ordering};
