@@ -30,6 +30,8 @@
 //! | `mock` | `MockCacheService` for apps' unit tests | mockall |
 //! | `conformance` | `conformance`: the behaviour suite for backends and decorators | |
 //! | `future-slots` | reused slots for the Redis backend's boxed futures (implies `redis`) | |
+//! | `metrics` | metrics through the `metrics` facade, hit/miss counts in `stats()` ([`observe`]) | metrics |
+//! | `tracing` | a span per operation ([`observe`]) | tracing |
 //!
 //! ```
 //! use std::sync::Arc;
