@@ -338,7 +338,9 @@ async fn loads_are_counted_by_outcome() {
                 .await
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await; // the waiter joins the flight
+    // Time for the waiter to reach the flight (nothing shows a waiter from outside; a late
+    // one would find the value cached and fail the `joined` count, never pass wrongly).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     gate_tx.send(()).unwrap();
     assert_eq!(leader.await.unwrap().unwrap(), 1);
     assert_eq!(waiter.await.unwrap().unwrap(), 1);
