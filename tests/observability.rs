@@ -3,6 +3,11 @@
 //! is installed for the whole binary before any service is built (handles are registered at
 //! build time); the tests take turns (a mutex), and each reads the counters' changes since
 //! its own first snapshot (the debugging recorder hands back and zeroes them per snapshot).
+//!
+//! Spans (feature `tracing`): the tests at the end record every span their own thread opens
+//! (a registry with a recording layer, set as the thread's default subscriber around a
+//! current-thread runtime) and check the names, attributes and parents a tracing backend
+//! would show.
 
 mod support;
 
@@ -431,4 +436,269 @@ async fn locks_count_acquisitions_waits_and_losses() {
         1
     );
     drop(guard);
+}
+
+/// One span as a tracing backend would show it: name, parent's name, fields.
+#[derive(Clone, Debug)]
+struct SeenSpan {
+    name: &'static str,
+    parent: Option<&'static str>,
+    fields: Vec<(&'static str, String)>,
+}
+
+impl SeenSpan {
+    fn field(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .rev()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Records every span's fields, at creation and as they are filled in.
+#[derive(Clone, Default)]
+struct Recording(Arc<std::sync::Mutex<Vec<SeenSpan>>>);
+
+/// Where a span's record is in the list (a span extension).
+struct Slot(usize);
+
+struct Fields<'a>(&'a mut Vec<(&'static str, String)>);
+
+impl tracing::field::Visit for Fields<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0.push((field.name(), format!("{value:?}")));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.push((field.name(), value.to_owned()));
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for Recording
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let span = ctx.span(id).expect("a new span is registered");
+        let mut fields = Vec::new();
+        attrs.record(&mut Fields(&mut fields));
+        let mut seen = self.0.lock().unwrap();
+        seen.push(SeenSpan {
+            name: attrs.metadata().name(),
+            parent: span.parent().map(|p| p.name()),
+            fields,
+        });
+        span.extensions_mut().insert(Slot(seen.len() - 1));
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let span = ctx.span(id).expect("a recorded span is registered");
+        let extensions = span.extensions();
+        let Slot(slot) = extensions.get::<Slot>().expect("recorded at creation");
+        values.record(&mut Fields(&mut self.0.lock().unwrap()[*slot].fields));
+    }
+}
+
+impl Recording {
+    fn spans(&self) -> Vec<SeenSpan> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Spans of cachet's only (fred opens none; this keeps the checks to ours).
+    fn named(&self, name: &str) -> Vec<SeenSpan> {
+        self.spans()
+            .into_iter()
+            .filter(|s| s.name == name)
+            .collect()
+    }
+}
+
+/// Runs `body` on a current-thread runtime with `recording` as this thread's subscriber,
+/// so every span the body opens is recorded (and no other test's).
+fn with_spans<F: Future>(recording: &Recording, body: F) -> F::Output {
+    use tracing_subscriber::layer::SubscriberExt;
+    let subscriber = tracing_subscriber::registry().with(recording.clone());
+    let _default = tracing::subscriber::set_default(subscriber);
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(body)
+}
+
+/// The span tests take the same turns as the metric ones (`record_keys` is process-wide).
+fn span_turn() -> MutexGuard<'static, ()> {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(turn())
+}
+
+#[test]
+fn in_memory_reads_are_spans_with_their_layer_and_answer_and_no_key() {
+    let _turn = span_turn();
+    let recording = Recording::default();
+    let k = key("span-memory");
+    with_spans(&recording, async {
+        let cache = MokaCacheService::default();
+        cache.set(&k, &1u32, None).await.unwrap();
+        let hit: Option<u32> = cache.get(&k).await.unwrap();
+        let miss: Option<u32> = cache.get(&format!("{k}:absent")).await.unwrap();
+        assert_eq!((hit, miss), (Some(1), None));
+        assert!(cache.set_bytes(&k, "1".into(), Some(0)).await.is_err());
+    });
+
+    let gets = recording.named("cachet.get");
+    assert_eq!(gets.len(), 2, "one span per read: {gets:?}");
+    for (get, hit) in gets.iter().zip(["true", "false"]) {
+        assert_eq!(get.field("cachet.backend"), Some("memory"));
+        assert_eq!(get.field("cachet.layer"), Some("memory"));
+        assert_eq!(get.field("cachet.hit"), Some(hit));
+        assert_eq!(get.field("otel.kind"), Some("client"));
+        assert_eq!(get.field("db.system.name"), None, "not a database");
+        assert_eq!(get.field("error.type"), None);
+    }
+    let sets = recording.named("cachet.set");
+    assert_eq!(sets.len(), 2);
+    assert_eq!(sets[0].field("error.type"), None);
+    assert_eq!(sets[1].field("error.type"), Some("invalid_argument"));
+    for span in recording.spans() {
+        assert_eq!(span.field("cachet.key"), None, "keys are off by default");
+        for (name, value) in &span.fields {
+            assert!(!value.contains(&k), "the key in {name} of {span:?}");
+        }
+    }
+}
+
+#[test]
+fn redis_operations_are_database_client_spans() {
+    let _turn = span_turn();
+    let recording = Recording::default();
+    let server = RedisServer::shared();
+    let k = key("span-redis");
+    with_spans(&recording, async {
+        let cache = RedisCacheService::new(&server.url(), 60).await.unwrap();
+        cache.set(&k, &1u32, None).await.unwrap();
+        let hit: Option<u32> = cache.get(&k).await.unwrap();
+        assert_eq!(hit, Some(1));
+        cache.invalidate(&k).await.unwrap();
+        let miss: Option<u32> = cache.get(&k).await.unwrap();
+        assert_eq!(miss, None);
+        cache.invalidate_prefix(&k).await.unwrap();
+        assert!(cache.set_bytes(&k, "1".into(), Some(0)).await.is_err());
+    });
+
+    let port = server.port().to_string();
+    let expect = [
+        ("cachet.set", "SET"),
+        ("cachet.get", "GET"),
+        ("cachet.invalidate", "DEL"),
+        ("cachet.get", "GET"),
+        ("cachet.invalidate_prefix", "invalidate_prefix"),
+        ("cachet.set", "SET"),
+    ];
+    let spans = recording.spans();
+    let ours: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name.starts_with("cachet."))
+        .collect();
+    assert_eq!(
+        ours.iter().map(|s| s.name).collect::<Vec<_>>(),
+        expect.map(|(name, _)| name),
+        "one span per operation, in order"
+    );
+    for (span, (_, command)) in ours.iter().zip(expect) {
+        assert_eq!(span.field("db.system.name"), Some("redis"), "{span:?}");
+        assert_eq!(span.field("db.operation.name"), Some(command));
+        assert_eq!(span.field("server.address"), Some("127.0.0.1"));
+        assert_eq!(span.field("server.port"), Some(port.as_str()));
+        assert_eq!(span.field("cachet.backend"), Some("redis"));
+        assert_eq!(span.field("cachet.key"), None);
+    }
+    assert_eq!(ours[1].field("cachet.hit"), Some("true"));
+    assert_eq!(ours[1].field("cachet.layer"), Some("redis"));
+    assert_eq!(ours[3].field("cachet.hit"), Some("false"));
+    assert_eq!(ours[0].field("error.type"), None);
+    assert_eq!(ours[5].field("error.type"), Some("invalid_argument"));
+}
+
+#[test]
+fn a_tiered_l1_miss_shows_the_redis_read_as_its_child_and_a_hit_has_none() {
+    let _turn = span_turn();
+    let recording = Recording::default();
+    let channel = key("span-tiered");
+    let k = key("span-tiered-key");
+    with_spans(&recording, async {
+        let cache = tiered(InvalidationMode::Bus, &channel).await;
+        let writer = tiered(InvalidationMode::Bus, &channel).await;
+        assert!(cache.wait_until_confirmed(DELIVERY).await);
+        // The reader reads once it heard the write (a late message would drop its fill).
+        let applied = cache.invalidations_applied();
+        writer.set(&k, &"one", None).await.unwrap();
+        assert!(cache.wait_for_invalidations(applied + 1, DELIVERY).await);
+        writer.shutdown().await;
+        recording.0.lock().unwrap().clear();
+        let miss: Option<String> = cache.get(&k).await.unwrap(); // L1 miss, Redis read
+        let hit: Option<String> = cache.get(&k).await.unwrap(); // L1 hit
+        assert_eq!(
+            (miss.as_deref(), hit.as_deref()),
+            (Some("one"), Some("one"))
+        );
+        cache.shutdown().await;
+    });
+
+    let gets = recording.named("cachet.get");
+    let tiered: Vec<_> = gets
+        .iter()
+        .filter(|s| s.field("cachet.backend") == Some("tiered"))
+        .collect();
+    let redis: Vec<_> = gets
+        .iter()
+        .filter(|s| s.field("cachet.backend") == Some("redis"))
+        .collect();
+    assert_eq!(tiered.len(), 2, "{gets:?}");
+    assert_eq!(redis.len(), 1, "only the miss went to Redis: {gets:?}");
+    assert_eq!(
+        redis[0].parent,
+        Some("cachet.get"),
+        "a child of the tiered read"
+    );
+    assert_eq!(redis[0].field("cachet.hit"), Some("true"));
+    assert_eq!(redis[0].field("cachet.layer"), Some("redis"));
+    assert_eq!(tiered[0].field("db.system.name"), Some("redis"));
+    assert_eq!(tiered[0].field("cachet.hit"), Some("false"));
+    assert_eq!(tiered[1].field("cachet.layer"), Some("l1"));
+    assert_eq!(tiered[1].field("cachet.hit"), Some("true"));
+    assert_eq!(tiered[0].parent, None);
+}
+
+#[test]
+fn keys_are_recorded_only_once_the_app_opts_in() {
+    let _turn = span_turn();
+    let recording = Recording::default();
+    let k = key("span-keys");
+    with_spans(&recording, async {
+        let cache = MokaCacheService::default();
+        let _: Option<u32> = cache.get(&k).await.unwrap();
+        cachet::observe::record_keys(true);
+        let _: Option<u32> = cache.get(&k).await.unwrap();
+        cachet::observe::record_keys(false);
+        let _: Option<u32> = cache.get(&k).await.unwrap();
+    });
+    let keys: Vec<_> = recording
+        .named("cachet.get")
+        .iter()
+        .map(|s| s.field("cachet.key").map(str::to_owned))
+        .collect();
+    assert_eq!(keys, [None, Some(k.clone()), None]);
 }

@@ -23,14 +23,7 @@ pub(super) struct SpanSettings {
 
 impl SpanSettings {
     pub(super) fn new(backend: Backend, server: Option<&str>) -> Self {
-        // The first server of a list ("a:1,b:2") stands for the deployment.
-        let first = server
-            .and_then(|list| list.split(',').next())
-            .map(str::trim);
-        let (address, port) = match first.and_then(|server| server.rsplit_once(':')) {
-            Some((host, port)) => (Some(host.into()), port.parse().ok()),
-            None => (first.map(Into::into), None),
-        };
+        let (address, port) = server.map_or((None, None), address_and_port);
         SpanSettings {
             backend: backend.label(),
             layer: backend.layer(),
@@ -76,6 +69,25 @@ impl SpanSettings {
     }
 }
 
+/// `server.address` and `server.port` of a connection's label (`redis://host:port`,
+/// `rediss-cluster://a:1,b:2`, `redis-sentinel://a:1,b:2 (service name)`): the first
+/// server of a list stands for the deployment.
+fn address_and_port(label: &str) -> (Option<Box<str>>, Option<u16>) {
+    let servers = label.split_once("://").map_or(label, |(_, rest)| rest);
+    let first = servers.split([',', ' ']).next().unwrap_or_default().trim();
+    if first.is_empty() {
+        return (None, None);
+    }
+    // `[::1]:6379` keeps its brackets off; a bare host has no port.
+    match first.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => {
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            (Some(host.into()), port.parse().ok())
+        }
+        _ => (Some(first.into()), None),
+    }
+}
+
 /// A read's answer, on the current span.
 pub(super) fn record_read(layer: Layer, hit: bool) {
     let span = Span::current();
@@ -89,5 +101,39 @@ pub(super) fn record_read(layer: Layer, hit: bool) {
 pub(super) fn record_result<T>(span: &Span, result: &Result<T, CacheError>) {
     if let Err(error) = result {
         span.record("error.type", error_kind(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::address_and_port;
+
+    #[test]
+    fn the_address_and_port_come_from_the_first_server_without_the_scheme() {
+        let cases = [
+            ("redis://127.0.0.1:6379", Some("127.0.0.1"), Some(6379)),
+            (
+                "rediss://cache.example:6380",
+                Some("cache.example"),
+                Some(6380),
+            ),
+            (
+                "redis-cluster://10.0.0.1:7000,10.0.0.2:7001",
+                Some("10.0.0.1"),
+                Some(7000),
+            ),
+            (
+                "redis-sentinel://s1:26379,s2:26379 (service mymaster)",
+                Some("s1"),
+                Some(26379),
+            ),
+            ("redis://[::1]:6379", Some("::1"), Some(6379)),
+            ("redis server", Some("redis"), None),
+            ("", None, None),
+        ];
+        for (label, address, port) in cases {
+            let (a, p) = address_and_port(label);
+            assert_eq!((a.as_deref(), p), (address, port), "{label}");
+        }
     }
 }
