@@ -4,7 +4,14 @@
 //! N. Run directly (`cargo bench --bench moka_instructions`), it only runs every contender
 //! once as a smoke check.
 //!
-//! Environment: `CONTENDER` (one of the names below), `OPS` (operations to run).
+//! Environment: `CONTENDER` (one of the names below), `OPS` (operations to run), and
+//! `RECORDER=prometheus` to install a Prometheus recorder before any cache is built (needs
+//! the `metrics` feature; what an app exporting its metrics pays on each hit). The
+//! `get-l1/tiered` contender starts its own redis-server (the tiered instance needs one; its
+//! hits never reach it).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
 
 mod common;
 
@@ -12,13 +19,16 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+use cachet::{
+    CacheService, CacheServiceExt, MokaCacheService, RedisCacheService, TieredCacheService,
+};
 use common::{OrgContext, TtlValue, decode, encode, fixture, runtime};
 
 /// Every contender, in the order the script reports them.
 const CONTENDERS: &[&str] = &[
     "get/cachet",
     "get-or-load-hit/cachet",
+    "get-l1/tiered",
     "get/raw-moka",
     "get/raw-mini-moka",
     "set/cachet",
@@ -26,7 +36,41 @@ const CONTENDERS: &[&str] = &[
     "set/raw-moka-per-entry-ttl",
 ];
 
+/// Installs the recorder `RECORDER` names, before any cache is built.
+fn install_recorder() {
+    match std::env::var("RECORDER").as_deref() {
+        Err(_) | Ok("") | Ok("none") => {}
+        #[cfg(feature = "metrics")]
+        Ok("prometheus") => {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .expect("the only recorder of this process");
+        }
+        Ok(other) => panic!("RECORDER={other:?}: `prometheus` needs the metrics feature"),
+    }
+}
+
+/// A tiered instance on its own redis-server, its L1 holding every key of the fixture.
+async fn tiered_l1(f: &common::Fixture) -> (support::RedisServer, Arc<dyn CacheService>) {
+    let server = support::RedisServer::start();
+    let tiered = TieredCacheService::builder(RedisCacheService::builder(server.url()))
+        .invalidation(cachet::backend::tiered::InvalidationMode::Bus)
+        .channel_prefix("bench:")
+        .l1_max_ttl(Duration::from_secs(3_600))
+        .build()
+        .await
+        .expect("a tiered instance");
+    assert!(tiered.wait_until_confirmed(Duration::from_secs(30)).await);
+    for (k, v) in f.keys.iter().zip(&f.values) {
+        tiered.set(k, v, None).await.unwrap();
+        // Read once: whatever a write leaves in the L1, every key is an L1 hit from here.
+        let _ = tiered.get::<OrgContext>(k).await.unwrap();
+    }
+    (server, Arc::new(tiered))
+}
+
 fn run(contender: &str, ops: usize) {
+    install_recorder();
     let f = fixture();
     let rt = runtime();
     let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
@@ -34,6 +78,10 @@ fn run(contender: &str, ops: usize) {
     let raw_ttl = common::raw_moka_per_entry_ttl();
     let raw_mini = common::raw_mini_moka();
     rt.block_on(async {
+        let l1 = match contender {
+            "get-l1/tiered" => Some(tiered_l1(&f).await),
+            _ => None,
+        };
         // The reads need a full cache; the fill is the same whatever OPS is, so it cancels
         // out of the difference.
         for (k, v) in f.keys.iter().zip(&f.values) {
@@ -60,6 +108,11 @@ fn run(contender: &str, ops: usize) {
                         })
                         .await;
                     black_box(hit.unwrap());
+                }
+                "get-l1/tiered" => {
+                    let (_, tiered) = l1.as_ref().expect("started above");
+                    let hit = tiered.get::<OrgContext>(key).await.unwrap();
+                    assert!(black_box(hit).is_some(), "an L1 hit");
                 }
                 "get/raw-moka" => {
                     black_box(raw_moka.get(key.as_str()).map(|b| decode(&b)));

@@ -5,6 +5,10 @@
 //!
 //! No fixed sleeps: a test waits on an instance's invalidation counter before it checks what
 //! that instance serves. The timeouts below only bound hangs.
+//!
+//! The process has one Prometheus recorder ([`prometheus`]), installed by the test that
+//! scrapes `/metrics` before it builds its instance; instances that other tests build after
+//! that report to it too, so that test checks the growth its own requests caused, at least.
 
 mod support;
 
@@ -14,9 +18,10 @@ mod support;
 mod app;
 
 use cachet::backend::tiered::InvalidationMode;
+use metrics_exporter_prometheus::PrometheusHandle;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use support::RedisServer;
@@ -47,9 +52,18 @@ impl Drop for Instance {
 
 impl Instance {
     async fn start(settings: &app::Settings) -> Instance {
-        let state = app::build_state(settings)
+        Instance::start_with(settings, None).await
+    }
+
+    /// An instance that serves `GET /metrics` from `metrics` (installed before this is
+    /// called: the caches register their metric handles when they are built).
+    async fn start_with(settings: &app::Settings, metrics: Option<PrometheusHandle>) -> Instance {
+        let mut state = app::build_state(settings)
             .await
             .expect("the instance starts");
+        if let Some(handle) = metrics {
+            state = state.with_metrics(handle);
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = app::app(state.clone());
@@ -106,6 +120,31 @@ impl Instance {
         assert_eq!(reply.status, 200, "{}", reply.body);
         serde_json::from_str(&reply.body).unwrap()
     }
+
+    /// `GET /metrics`, as Prometheus scrapes it: a 200 in the text format, parsed.
+    async fn scrape(&self) -> Scrape {
+        let reply = self.get("/metrics").await;
+        assert_eq!(reply.status, 200, "{}\n{}", reply.head, reply.body);
+        let content_type = reply
+            .header("content-type")
+            .unwrap_or_else(|| panic!("no content type:\n{}", reply.head));
+        assert_eq!(content_type, app::PROMETHEUS_CONTENT_TYPE);
+        assert!(content_type.starts_with("text/plain"), "{content_type}");
+        Scrape::parse(&reply.body)
+    }
+}
+
+/// The settings of an instance on `redis` (tiered, encrypted) with the store in `store`.
+fn tiered_settings(redis: &RedisServer, store: &Path, store_delay: Duration) -> app::Settings {
+    app::Settings {
+        redis_url: Some(redis.url()),
+        store_dir: store.to_owned(),
+        store_delay,
+        // Each deployment has its own Redis; a channel of its own all the same.
+        channel_prefix: Some(format!("org-service-{}:", redis.port())),
+        encryption_key: Some(cachet::EncryptionKey::from([9u8; 32])),
+        token_digest_key: Some(DIGEST_KEY.to_vec()),
+    }
 }
 
 /// One Redis, one store directory, two instances.
@@ -120,15 +159,7 @@ impl Deployment {
     async fn start(store_delay: Duration) -> Deployment {
         let redis = RedisServer::start();
         let store = tempfile::tempdir().unwrap();
-        let settings = app::Settings {
-            redis_url: Some(redis.url()),
-            store_dir: store.path().to_owned(),
-            store_delay,
-            // Each deployment has its own Redis; a channel of its own all the same.
-            channel_prefix: Some(format!("org-service-{}:", redis.port())),
-            encryption_key: Some(cachet::EncryptionKey::from([9u8; 32])),
-            token_digest_key: Some(DIGEST_KEY.to_vec()),
-        };
+        let settings = tiered_settings(&redis, store.path(), store_delay);
         let a = Instance::start(&settings).await;
         let b = Instance::start(&settings).await;
         assert_eq!(a.stats().await.backend, "tiered");
@@ -153,6 +184,16 @@ struct Reply {
 }
 
 impl Reply {
+    /// The value of the response header `name` (case-insensitive), if there is one.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            key.trim()
+                .eq_ignore_ascii_case(name)
+                .then_some(value.trim())
+        })
+    }
+
     fn view(&self) -> app::OrgView {
         assert_eq!(self.status, 200, "{}\n{}", self.head, self.body);
         serde_json::from_str(&self.body).unwrap()
@@ -423,6 +464,8 @@ async fn without_redis_one_instance_runs_on_the_in_memory_cache() {
     assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme 2");
     assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme 2");
     assert_eq!(instance.stats().await.store_loads, 3);
+    // No recorder handed to it: no metrics endpoint.
+    assert_eq!(instance.get("/metrics").await.status, 404);
     // API keys work on the random digest key too.
     let claims = instance.me(Some("Bearer acme.s")).await.claims();
     assert_eq!((claims.id.as_str(), claims.slug.as_str()), ("1", "acme"));
@@ -711,5 +754,275 @@ fn a_digest_key_is_64_hex_digits_or_base64_of_16_bytes_or_more() {
     ] {
         let error = app::parse_token_digest_key(bad).unwrap_err();
         assert!(bad.is_empty() || !error.contains(bad), "{error}");
+    }
+}
+
+/// The process's one Prometheus recorder (there is one global recorder per process),
+/// configured as the example's `main` configures it, installed on first use.
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            app::prometheus_builder()
+                .install_recorder()
+                .expect("no other recorder in this test binary")
+        })
+        .clone()
+}
+
+/// One sample of a scrape: `name{label="value",...} value`.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+/// A scrape in Prometheus's text format, parsed (a line that is not of the format panics).
+#[derive(Debug)]
+struct Scrape {
+    /// `# TYPE name kind`, by name.
+    types: Vec<(String, String)>,
+    samples: Vec<Sample>,
+}
+
+impl Scrape {
+    fn parse(body: &str) -> Scrape {
+        let mut scrape = Scrape {
+            types: Vec::new(),
+            samples: Vec::new(),
+        };
+        for line in body.lines().map(str::trim).filter(|line| !line.is_empty()) {
+            if let Some(comment) = line.strip_prefix('#') {
+                let mut words = comment.split_whitespace();
+                if words.next() == Some("TYPE") {
+                    let (name, kind) = (words.next(), words.next());
+                    let (Some(name), Some(kind)) = (name, kind) else {
+                        panic!("a TYPE line without a name and a type: {line:?}");
+                    };
+                    scrape.types.push((name.to_owned(), kind.to_owned()));
+                }
+                continue;
+            }
+            scrape.samples.push(parse_sample(line));
+        }
+        scrape
+    }
+
+    /// The declared type of the metric `name` (`counter`, `histogram`, ...).
+    fn kind(&self, name: &str) -> Option<&str> {
+        self.types
+            .iter()
+            .find(|(declared, _)| declared == name)
+            .map(|(_, kind)| kind.as_str())
+    }
+
+    /// The samples named `name` that have all of `labels`.
+    fn matching<'a>(
+        &'a self,
+        name: &'a str,
+        labels: &'a [(&str, &str)],
+    ) -> impl Iterator<Item = &'a Sample> + 'a {
+        self.samples.iter().filter(move |sample| {
+            sample.name == name
+                && labels
+                    .iter()
+                    .all(|(key, value)| sample.labels.iter().any(|(k, v)| k == key && v == value))
+        })
+    }
+
+    /// The sum of those samples (0 when there is none: a metric not reported yet).
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.matching(name, labels)
+            .fold(0.0, |sum, sample| sum + sample.value)
+    }
+
+    /// Whether there is such a sample.
+    fn has(&self, name: &str, labels: &[(&str, &str)]) -> bool {
+        self.matching(name, labels).next().is_some()
+    }
+}
+
+/// `name{label="value",...} value [timestamp]`, label values with `\\`, `\"` and `\n`
+/// escaped.
+fn parse_sample(line: &str) -> Sample {
+    let malformed = |why: &str| -> ! { panic!("not a sample line ({why}): {line:?}") };
+    let name_end = line
+        .find(|c: char| c == '{' || c.is_whitespace())
+        .unwrap_or_else(|| malformed("no value"));
+    let name = &line[..name_end];
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+    {
+        malformed("a bad metric name");
+    }
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after_brace) = rest.strip_prefix('{') {
+        let mut chars = after_brace.char_indices();
+        loop {
+            // A label name, `=`, a quoted value, then `,` or `}`.
+            let mut key = String::new();
+            let close = loop {
+                match chars.next() {
+                    Some((_, '=')) => break false,
+                    Some((at, '}')) if key.trim().is_empty() => {
+                        rest = &after_brace[at + 1..];
+                        break true;
+                    }
+                    Some((_, c)) => key.push(c),
+                    None => malformed("an unclosed label set"),
+                }
+            };
+            if close {
+                break;
+            }
+            if !matches!(chars.next(), Some((_, '"'))) {
+                malformed("an unquoted label value");
+            }
+            let mut value = String::new();
+            loop {
+                match chars.next() {
+                    Some((_, '"')) => break,
+                    Some((_, '\\')) => match chars.next() {
+                        Some((_, 'n')) => value.push('\n'),
+                        Some((_, c @ ('\\' | '"'))) => value.push(c),
+                        _ => malformed("a bad escape"),
+                    },
+                    Some((_, c)) => value.push(c),
+                    None => malformed("an unclosed label value"),
+                }
+            }
+            labels.push((key.trim().trim_start_matches(',').trim().to_owned(), value));
+            match chars.next() {
+                Some((_, ',')) => {}
+                Some((at, '}')) => {
+                    rest = &after_brace[at + 1..];
+                    break;
+                }
+                _ => malformed("no ',' or '}' after a label"),
+            }
+        }
+    }
+    let value = rest
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| malformed("no value"));
+    let value: f64 = value
+        .parse()
+        .unwrap_or_else(|_| malformed("a value that is not a number"));
+    Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    }
+}
+
+/// What an operator scrapes: the instance's `/metrics` over HTTP, in Prometheus's text format,
+/// with the hits, misses, loads, durations (as histograms) and invalidations that this
+/// test's requests caused, compared between a scrape before them and one after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_in_the_prometheus_text_format_and_count_the_requests() {
+    // First: the instance's caches register their metric handles when they are built.
+    let metrics = prometheus();
+    let redis = RedisServer::start();
+    // A Redis that refuses CLIENT TRACKING (as some managed services do): the L1 falls back
+    // to the pub/sub bus and publishes what this instance writes and invalidates, which
+    // cachet_invalidations_sent_total counts. (With tracking, the server tells the other
+    // instances itself, and nothing is sent.)
+    let acl: String = redis
+        .query(&["ACL", "SETUSER", "default", "-client|tracking"])
+        .unwrap();
+    assert_eq!(acl, "OK");
+    let store = tempfile::tempdir().unwrap();
+    let settings = tiered_settings(&redis, store.path(), Duration::ZERO);
+    let instance = Instance::start_with(&settings, Some(metrics)).await;
+    assert_eq!(instance.tiered().invalidation_mode(), InvalidationMode::Bus);
+
+    let before = instance.scrape().await;
+    // The PUT invalidates the org's keys (org:acme, org:id:1: two at least); the first GET misses the L1
+    // and Redis and loads the org from the store (and caches it), the second is an L1 hit;
+    // the unknown org misses and loads "not found".
+    let put = instance.put_org("acme", "1", "Acme", "s3cr3t").await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme");
+    assert_eq!(instance.get("/orgs/acme").await.view().name, "Acme");
+    assert_eq!(instance.get("/orgs/nobody").await.status, 404);
+    assert_eq!(instance.store_loads(), 2);
+    let after = instance.scrape().await;
+
+    // Other tests' instances may report to the same recorder meanwhile: at least what this
+    // test caused.
+    let grew = |name: &str, labels: &[(&str, &str)], least: f64| {
+        let (was, is) = (before.sum(name, labels), after.sum(name, labels));
+        assert!(
+            is - was >= least,
+            "{name}{labels:?}: {was} before, {is} after, expected at least +{least}\n{:?}",
+            after.matching(name, labels).collect::<Vec<_>>()
+        );
+    };
+    for (name, kind) in [
+        ("cachet_hits_total", "counter"),
+        ("cachet_misses_total", "counter"),
+        ("cachet_loads_total", "counter"),
+        ("cachet_invalidations_sent_total", "counter"),
+        ("cachet_operation_duration_seconds", "histogram"),
+        ("cachet_load_duration_seconds", "histogram"),
+    ] {
+        assert_eq!(after.kind(name), Some(kind), "# TYPE of {name}");
+    }
+    grew("cachet_hits_total", &[("layer", "l1")], 1.0);
+    grew("cachet_misses_total", &[("layer", "l1")], 2.0);
+    grew("cachet_misses_total", &[("layer", "redis")], 2.0);
+    grew("cachet_loads_total", &[("outcome", "loaded")], 1.0);
+    grew("cachet_loads_total", &[("outcome", "negative")], 1.0);
+    grew(
+        "cachet_load_duration_seconds_count",
+        &[("outcome", "loaded")],
+        1.0,
+    );
+    grew("cachet_invalidations_sent_total", &[("source", "bus")], 2.0);
+    let tiered_get = [("operation", "get"), ("backend", "tiered")];
+    grew("cachet_operation_duration_seconds_count", &tiered_get, 3.0);
+    grew(
+        "cachet_operation_duration_seconds_count",
+        &[("operation", "invalidate"), ("backend", "tiered")],
+        2.0,
+    );
+    // A histogram with the example's buckets: every read is in the +Inf bucket, and the
+    // buckets are cumulative.
+    let bucket = "cachet_operation_duration_seconds_bucket";
+    let le = |bound: &str| {
+        let labels = [tiered_get[0], tiered_get[1], ("le", bound)];
+        assert!(after.has(bucket, &labels), "no {bucket}{labels:?}");
+        after.sum(bucket, &labels)
+    };
+    let bounds: Vec<String> = app::DURATION_BUCKETS
+        .iter()
+        .map(f64::to_string)
+        .chain(["+Inf".to_owned()])
+        .collect();
+    let counts: Vec<f64> = bounds.iter().map(|bound| le(bound)).collect();
+    assert!(
+        counts.windows(2).all(|pair| pair[0] <= pair[1]),
+        "{counts:?}"
+    );
+    assert_eq!(
+        counts.last().copied(),
+        Some(after.sum("cachet_operation_duration_seconds_count", &tiered_get))
+    );
+    assert!(after.sum("cachet_operation_duration_seconds_sum", &tiered_get) > 0.0);
+    // No label of a scrape names a key, an org or a secret.
+    for sample in &after.samples {
+        for (_, value) in &sample.labels {
+            assert!(
+                !["acme", "nobody", "s3cr3t", "org:"]
+                    .iter()
+                    .any(|word| value.contains(word)),
+                "{sample:?}"
+            );
+        }
     }
 }

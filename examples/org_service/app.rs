@@ -24,6 +24,7 @@ use cachet::{
     CacheError, CacheService, EncryptedCacheService, EncryptionKey, EncryptionKeys,
     MokaCacheService, OrgResolver, RedisCacheService, TieredCacheService, TokenCache,
 };
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
@@ -31,6 +32,33 @@ use zeroize::Zeroizing;
 /// The longest a validated API key stays cached, in seconds: a key revoked behind the
 /// service's back (an org file edited by hand) works at most this long.
 pub const TOKEN_TTL_SECS: u64 = 60;
+
+/// The content type of `GET /metrics`: Prometheus's text exposition format.
+pub const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
+
+/// The buckets (upper bounds, in seconds) of every `*_seconds` histogram: cachet's
+/// operation, load and lock-wait durations. From 50 µs (about an L1 hit; a Redis round trip
+/// takes longer, even on loopback) to 2.5 s (above the 2 s load timeouts, so a load that
+/// timed out lands in a bucket of its own); slower is `+Inf`.
+pub const DURATION_BUCKETS: [f64; 15] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5,
+];
+
+/// The Prometheus recorder of `GET /metrics`: durations (`*_seconds`) as histograms with
+/// [`DURATION_BUCKETS`] (which Prometheus can aggregate across instances), not the default
+/// summaries. No HTTP listener of its own (the exporter's default features are off): the
+/// service's router answers `/metrics`.
+///
+/// Install it (`.install_recorder()`) **before** [`build_state`]: cachet's services register
+/// their metric handles when they are built, and one built before the recorder reports to
+/// nothing for its whole life. Whoever installs it runs [`PrometheusHandle::run_upkeep`] now
+/// and then (a scrape does it too), so that histogram samples do not pile up between scrapes.
+pub fn prometheus_builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), &DURATION_BUCKETS)
+        .expect("the buckets are not empty")
+}
 
 /// What the service needs to start.
 #[derive(Clone)]
@@ -384,6 +412,17 @@ pub struct AppState {
     pub tokens: TokenCache<TokenClaims>,
     /// API keys validated against the store so far (`FileOrgStore::current` counts no load).
     pub token_validations: Arc<AtomicU64>,
+    /// What `GET /metrics` renders (`None`: 404). Set with [`AppState::with_metrics`].
+    pub metrics: Option<PrometheusHandle>,
+}
+
+impl AppState {
+    /// Serves `GET /metrics` from this Prometheus recorder, which was installed before
+    /// [`build_state`] built the caches (see [`prometheus_builder`]).
+    pub fn with_metrics(mut self, handle: PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
 }
 
 impl fmt::Debug for AppState {
@@ -397,6 +436,7 @@ impl fmt::Debug for AppState {
                 "token_validations",
                 &self.token_validations.load(Ordering::SeqCst),
             )
+            .field("metrics", &self.metrics.as_ref().map(|_| "Prometheus"))
             .finish()
     }
 }
@@ -463,18 +503,34 @@ pub async fn build_state(settings: &Settings) -> Result<AppState, StartError> {
         tiered,
         tokens,
         token_validations: Arc::new(AtomicU64::new(0)),
+        metrics: None,
     })
 }
 
 /// The routes: `GET /orgs/{slug}` (through the org middleware), `PUT /orgs/{slug}`,
-/// `GET /me` (by API key), `GET /stats`.
+/// `GET /me` (by API key), `GET /stats`, `GET /metrics` (Prometheus text format; 404 without
+/// [`AppState::with_metrics`]).
 pub fn app(state: AppState) -> Router {
     let org_layer = OrgLayer::new(Arc::clone(&state.resolver), OrgSource::path_segment(1));
     Router::new()
         .route("/orgs/{slug}", get(get_org.layer(org_layer)).put(put_org))
         .route("/me", get(me))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// What the recorder holds, in Prometheus's text format: every metric of this process (all
+/// its caches report to the one global recorder).
+async fn metrics(State(state): State<AppState>) -> Response {
+    match &state.metrics {
+        Some(handle) => (
+            [(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)],
+            handle.render(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled\n").into_response(),
+    }
 }
 
 async fn get_org(Extension(org): Extension<ResolvedOrg<OrgContext>>) -> Json<OrgView> {

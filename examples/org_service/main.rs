@@ -1,13 +1,13 @@
 //! A small multi-tenant web service on cachet and axum: org contexts resolved by the org
 //! middleware, cached in memory or in Redis behind a per-instance L1, invalidated on every
 //! instance when an org changes; API keys (`<slug>.<api_secret>`) validated against the store
-//! and cached under an HMAC of the key.
+//! and cached under an HMAC of the key; cachet's metrics served at `/metrics` for Prometheus.
 //!
 //! ```text
-//! cargo run --example org_service --features axum                  # in-memory cache
+//! cargo run --example org_service --features axum,metrics          # in-memory cache
 //! export CACHE_ENCRYPTION_KEY="$(openssl rand -base64 32)"
 //! export TOKEN_DIGEST_KEY="$(openssl rand -base64 32)"
-//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example org_service --features axum
+//! REDIS_URL=redis://127.0.0.1:6379 cargo run --example org_service --features axum,metrics
 //! ```
 //!
 //! Settings (environment):
@@ -40,6 +40,12 @@
 //!   against the store (in constant time) on a cache miss only, and cached for at most 60 s.
 //! - `GET /stats`: store loads by this instance, (tiered) invalidations applied, and API keys
 //!   validated against the store.
+//! - `GET /metrics`: cachet's metrics in Prometheus's text format (`text/plain;
+//!   version=0.0.4`), for a Prometheus scrape job: hits and misses by layer
+//!   (`cachet_hits_total{layer="l1"}`, ...), loads by outcome, invalidations, errors, and
+//!   durations as histograms (buckets from 50 µs to 2.5 s, `app::DURATION_BUCKETS`). The
+//!   recorder is installed before any cache is built (cachet registers its metric handles
+//!   then); there is no separate metrics port.
 //!
 //! ```text
 //! curl -X PUT localhost:3000/orgs/acme -H 'content-type: application/json' \
@@ -47,6 +53,7 @@
 //! curl localhost:3000/orgs/acme
 //! curl localhost:3000/me -H 'authorization: Bearer acme.s3cr3t'   # {"id":"1","slug":"acme"}
 //! curl localhost:3000/stats
+//! curl localhost:3000/metrics                # e.g. cachet_hits_total{layer="l1"} 1
 //! ```
 
 mod app;
@@ -55,6 +62,11 @@ use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+/// How often the recorder drains histogram samples into their buckets between scrapes.
+const METRICS_UPKEEP: Duration = Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -99,12 +111,18 @@ fn settings_from_env() -> Result<app::Settings, String> {
 async fn run() -> Result<(), Box<dyn Error>> {
     let settings = settings_from_env()?;
     let bind = var("BIND").unwrap_or_else(|| "127.0.0.1:3000".to_owned());
-    let state = app::build_state(&settings).await?;
+    // Before build_state: cachet's services register their metric handles when they are
+    // built, and a cache built before the recorder would report to nothing for good.
+    let metrics = app::prometheus_builder()
+        .install_recorder()
+        .map_err(|e| format!("cannot install the Prometheus recorder: {e}"))?;
+    spawn_metrics_upkeep(metrics.clone());
+    let state = app::build_state(&settings).await?.with_metrics(metrics);
     let listener = tokio::net::TcpListener::bind(&bind)
         .await
         .map_err(|e| format!("cannot listen on {bind}: {e}"))?;
     let address = listener.local_addr()?;
-    println!("org_service listening on http://{address}");
+    println!("org_service listening on http://{address} (metrics: http://{address}/metrics)");
     println!(
         "cache: {}; org store: {} (delay {:?})",
         if state.tiered.is_some() {
@@ -130,4 +148,16 @@ async fn run() -> Result<(), Box<dyn Error>> {
         .await
         .map_err(|e| format!("server on {address} failed: {e}"))?;
     Ok(())
+}
+
+/// Runs the recorder's upkeep now and then: without an HTTP listener of its own, nothing else
+/// does between scrapes, and the histograms' samples would pile up until the next one.
+fn spawn_metrics_upkeep(handle: PrometheusHandle) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(METRICS_UPKEEP);
+        loop {
+            every.tick().await;
+            handle.run_upkeep();
+        }
+    });
 }

@@ -192,14 +192,6 @@ impl MokaCacheService {
         }
     }
 
-    /// This cache as a tiered instance's L1: its operations are labelled `l1`, and the
-    /// tiered service counts its reads.
-    #[cfg(feature = "redis")]
-    pub(crate) fn into_l1(mut self) -> Self {
-        self.instruments = Instruments::new(Backend::L1Store, None);
-        self
-    }
-
     /// What a read of `key` sees, uncounted (the tiered cache's L1 reads).
     #[cfg(feature = "redis")]
     pub(crate) fn peek(&self, key: &str) -> Option<Bytes> {
@@ -574,7 +566,19 @@ impl MokaCacheServiceBuilder {
         Ok(self.build_unchecked())
     }
 
+    /// The cache as a tiered instance's L1: its operations are labelled `l1` (the tiered
+    /// service counts its reads), and no `memory` series is registered for it.
+    #[cfg(feature = "redis")]
+    pub(crate) fn build_l1(self) -> Result<MokaCacheService, CacheError> {
+        check_default_ttl(self.default_ttl_secs)?;
+        Ok(self.build_as(Backend::L1Store))
+    }
+
     fn build_unchecked(self) -> MokaCacheService {
+        self.build_as(Backend::Memory)
+    }
+
+    fn build_as(self, backend: Backend) -> MokaCacheService {
         let negative_capacity = match (self.negative_entries, self.capacity) {
             (Some(n), _) => Capacity::Entries(n),
             (None, Capacity::Entries(n)) => Capacity::Entries((n / DEFAULT_NEGATIVE_SHARE).max(1)),
@@ -587,7 +591,7 @@ impl MokaCacheServiceBuilder {
             capacity: self.capacity,
             scope: crate::service::new_flight_scope(),
             stripes: Arc::new(WriteStripes::new()),
-            instruments: Instruments::new(Backend::Memory, None),
+            instruments: Instruments::new(backend, None),
             resets: Arc::new(AtomicU64::new(0)),
         }
     }

@@ -142,7 +142,7 @@ impl TieredCacheServiceBuilder {
         own_writes_fill: bool,
     ) -> Result<Arc<Shared>, CacheError> {
         Ok(Arc::new(Shared::new(
-            self.l1.clone().build()?.into_l1(),
+            self.l1.clone().build_l1()?,
             self.l1_max_ttl,
             instance_id(),
             own_writes_fill,
