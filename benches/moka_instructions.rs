@@ -28,6 +28,9 @@ use common::{OrgContext, TtlValue, decode, encode, fixture, runtime};
 const CONTENDERS: &[&str] = &[
     "get/cachet",
     "get-or-load-hit/cachet",
+    // since-shared:start (scripts/bench-instructions drops these lines for builds before get_shared)
+    "get-shared/cachet",
+    // since-shared:end
     "get-l1/tiered",
     "get/raw-moka",
     "get/raw-mini-moka",
@@ -87,6 +90,13 @@ fn run(contender: &str, ops: usize) {
         for (k, v) in f.keys.iter().zip(&f.values) {
             match contender {
                 "get/cachet" | "get-or-load-hit/cachet" => cache.set(k, v, None).await.unwrap(),
+                // since-shared:start
+                "get-shared/cachet" => {
+                    cache.set(k, v, None).await.unwrap();
+                    // Decoded once here, as by the first request of each org.
+                    black_box(cache.get_shared::<OrgContext>(k).await.unwrap());
+                }
+                // since-shared:end
                 "get/raw-moka" => raw_moka.insert(k.clone(), encode(v)),
                 "get/raw-mini-moka" => {
                     raw_mini.insert(k.clone(), serde_json::to_string(v).unwrap())
@@ -109,6 +119,12 @@ fn run(contender: &str, ops: usize) {
                         .await;
                     black_box(hit.unwrap());
                 }
+                // since-shared:start
+                "get-shared/cachet" => {
+                    let hit = cache.get_shared::<OrgContext>(key).await.unwrap();
+                    assert!(black_box(hit).is_some(), "a hit");
+                }
+                // since-shared:end
                 "get-l1/tiered" => {
                     let (_, tiered) = l1.as_ref().expect("started above");
                     let hit = tiered.get::<OrgContext>(key).await.unwrap();

@@ -5,12 +5,17 @@
 //! live. This module sits above both (the contract in [`service`](crate::service) knows
 //! neither).
 
+use std::any::{TypeId, type_name};
 use std::future::Future;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::codec::Frame;
 use crate::load::{LoadError, LoadOptions, Loaded};
+use crate::service::{Decoded, Decoder, MAX_TTL_SECS, SharedValue};
 use crate::{CacheError, CacheService, codec};
 
 /// The typed helpers, for every [`CacheService`] (`dyn CacheService` included).
@@ -56,6 +61,137 @@ pub trait CacheServiceExt: CacheService {
                 Some(bytes) => codec::frame::decode_stored(key, &bytes),
                 None => Ok(None),
             }
+        }
+    }
+
+    /// Reads `key` as a shared `T`: like [`get`](Self::get), but on the in-memory backend
+    /// and a tiered instance's L1 a hit is the value decoded on the entry's first shared
+    /// read, kept beside its bytes: an `Arc` clone, no decode. Elsewhere (Redis, an L1
+    /// miss, an [`EncryptedCacheService`](crate::EncryptedCacheService)) the bytes are read
+    /// and decoded as by `get`.
+    ///
+    /// Everything else is as for `get`: bytes that are not a `T` are a
+    /// [`CacheError::Serialization`] (and stay stored); a write, an invalidation or the TTL's
+    /// end replaces or removes the entry and its decoded value with it. One entry keeps the
+    /// value of one type: reading a key as two types decodes the second each time.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+    /// use serde::{Deserialize, Serialize};
+    ///
+    /// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    /// struct OrgContext { slug: String, plan: String }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+    /// cache.set("org:acme", &OrgContext { slug: "acme".into(), plan: "pro".into() }, None).await?;
+    /// let ctx: Arc<OrgContext> = cache.get_shared("org:acme").await?.expect("cached");
+    /// assert_eq!(ctx.plan, "pro");
+    /// let again = cache.get_shared::<OrgContext>("org:acme").await?.expect("cached");
+    /// assert!(Arc::ptr_eq(&ctx, &again)); // the same decoded value
+    /// cache.invalidate("org:acme").await?;
+    /// assert!(cache.get_shared::<OrgContext>("org:acme").await?.is_none());
+    /// # Ok(()) }
+    /// ```
+    fn get_shared<T>(
+        &self,
+        key: &str,
+    ) -> impl Future<Output = Result<Option<Arc<T>>, CacheError>> + Send
+    where
+        T: DeserializeOwned + Send + Sync + 'static,
+    {
+        let now = self.get_shared_now(key, &decoder::<T>());
+        async move {
+            match now {
+                Some(answer) => answer?.map(|value| downcast::<T>(key, value)).transpose(),
+                None => Ok(self.get::<T>(key).await?.map(Arc::new)),
+            }
+        }
+    }
+
+    /// [`get_or_load`](Self::get_or_load) with a shared value: a hit is answered as by
+    /// [`get_shared`](Self::get_shared) (no decode where the value is kept in memory); a
+    /// miss loads as `get_or_load` does (single flight, leases) and wraps the value in an
+    /// `Arc`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+    /// let load = || async { Ok::<_, std::io::Error>("pro".to_string()) };
+    /// let plan: Arc<String> = cache.get_or_load_shared("plan:acme", Some(300), load).await.unwrap();
+    /// let hit = cache.get_or_load_shared("plan:acme", Some(300), load).await.unwrap();
+    /// let again = cache.get_or_load_shared("plan:acme", Some(300), load).await.unwrap();
+    /// assert_eq!((plan.as_str(), hit.as_str()), ("pro", "pro"));
+    /// assert!(Arc::ptr_eq(&hit, &again)); // decoded once, then shared
+    /// # }
+    /// ```
+    fn get_or_load_shared<T, E, F, Fut>(
+        &self,
+        key: &str,
+        ttl_secs: Option<u64>,
+        loader: F,
+    ) -> impl Future<Output = Result<Arc<T>, LoadError<E>>> + Send
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<T, E>> + Send,
+    {
+        let valid_ttl = ttl_secs.is_none_or(|secs| (1..=MAX_TTL_SECS).contains(&secs));
+        let hit = valid_ttl.then(|| shared_hit::<T, _>(self, key)).flatten();
+        async move {
+            if let Some(value) = hit {
+                return Ok(value);
+            }
+            self.get_or_load(key, ttl_secs, loader).await.map(Arc::new)
+        }
+    }
+
+    /// [`get_or_load_with`](Self::get_or_load_with) with a shared value: a fresh hit is
+    /// answered as by [`get_shared`](Self::get_shared); everything else (a miss, a cached
+    /// "not found", a stale value of fail-safe) goes through `get_or_load_with`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{CacheServiceExt, LoadOptions, LoadSource, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = MokaCacheService::default();
+    /// let options = LoadOptions::default().ttl_secs(60).negative_ttl_secs(10);
+    /// let load = || async { Ok::<_, std::io::Error>(Some("pro".to_string())) };
+    /// let first = cache.get_or_load_shared_with("plan:acme", &options, load).await.unwrap();
+    /// let second = cache.get_or_load_shared_with("plan:acme", &options, load).await.unwrap();
+    /// assert_eq!((first.source, second.source), (LoadSource::Loader, LoadSource::Cache));
+    /// assert_eq!(second.value.as_deref().map(String::as_str), Some("pro"));
+    /// # }
+    /// ```
+    fn get_or_load_shared_with<T, E, F, Fut>(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+        loader: F,
+    ) -> impl Future<Output = Result<Loaded<Arc<T>>, LoadError<E>>> + Send
+    where
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = Result<Option<T>, E>> + Send,
+    {
+        let hit = options
+            .check(key)
+            .is_ok()
+            .then(|| shared_hit::<T, _>(self, key))
+            .flatten();
+        async move {
+            if let Some(value) = hit {
+                return Ok(Loaded::from_cache(value));
+            }
+            let loaded = self.get_or_load_with(key, options, loader).await?;
+            Ok(loaded.map(Arc::new))
         }
     }
 
@@ -165,3 +301,100 @@ pub trait CacheServiceExt: CacheService {
 }
 
 impl<S: CacheService + ?Sized> CacheServiceExt for S {}
+
+/// The [`Decoder`] of `T`: stored bytes (plain, or a cache-aside frame) as a shared `T`,
+/// with the meaning [`get`](CacheServiceExt::get) gives them (a cached "not found" and a
+/// value fail-safe keeps for cache-aside read as nothing; a frame past its freshness too).
+fn decoder<T: DeserializeOwned + Send + Sync + 'static>() -> Decoder {
+    Decoder::new(TypeId::of::<T>(), type_name::<T>(), decode_shared::<T>)
+}
+
+fn decode_shared<T: DeserializeOwned + Send + Sync + 'static>(
+    key: &str,
+    stored: &Bytes,
+) -> Result<Decoded, CacheError> {
+    if !Frame::is_framed(stored) {
+        let value: T = codec::decode(key, stored)?;
+        return Ok(Decoded::plain(Arc::new(value)));
+    }
+    let frame = Frame::decode(key, stored)?;
+    if frame.absent || frame.stale {
+        return Ok(Decoded::nothing());
+    }
+    let value: T = codec::decode(key, &frame.payload)?;
+    Ok(Decoded::fresh_until(Arc::new(value), frame.fresh_until_ms))
+}
+
+/// The `Arc<T>` behind a value `decoder::<T>()` made.
+fn downcast<T: Send + Sync + 'static>(key: &str, value: SharedValue) -> Result<Arc<T>, CacheError> {
+    value.downcast::<T>().map_err(|_| {
+        // Only a backend that kept a value under the wrong type id could get here.
+        CacheError::serialization::<T>(key, "decode", "the kept value is of another type")
+    })
+}
+
+/// A fresh value of `key` kept decoded in memory, for the cache-aside fast paths; `None`
+/// for anything else (not in memory, nothing, an error: the slow path sees to those).
+fn shared_hit<T, S>(cache: &S, key: &str) -> Option<Arc<T>>
+where
+    T: DeserializeOwned + Send + Sync + 'static,
+    S: CacheService + ?Sized,
+{
+    match cache.get_shared_now(key, &decoder::<T>()) {
+        Some(Ok(Some(value))) => downcast(key, value).ok(),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde::{Deserialize, Deserializer, Serialize};
+
+    use crate::{CacheService, CacheServiceExt, MokaCacheService};
+
+    /// Decodes of [`Counted`] so far.
+    static DECODES: AtomicUsize = AtomicUsize::new(0);
+
+    /// A value that counts how often it is decoded.
+    #[derive(Debug, PartialEq, Serialize)]
+    struct Counted(u32);
+
+    impl<'de> Deserialize<'de> for Counted {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            DECODES.fetch_add(1, Ordering::SeqCst);
+            u32::deserialize(deserializer).map(Counted)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_entry_is_decoded_once_for_its_shared_reads() {
+        let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+        cache.set("n", &7u32, None).await.unwrap();
+        let before = DECODES.load(Ordering::SeqCst);
+        let first = cache.get_shared::<Counted>("n").await.unwrap().unwrap();
+        for _ in 0..100 {
+            let again = cache.get_shared::<Counted>("n").await.unwrap().unwrap();
+            assert!(Arc::ptr_eq(&first, &again));
+        }
+        assert_eq!(DECODES.load(Ordering::SeqCst) - before, 1, "one decode");
+
+        // A write is a new entry: decoded once again, and never the old value.
+        cache.set("n", &8u32, None).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(
+                *cache.get_shared::<Counted>("n").await.unwrap().unwrap(),
+                Counted(8)
+            );
+        }
+        assert_eq!(DECODES.load(Ordering::SeqCst) - before, 2);
+
+        // The plain read decodes each time, as before.
+        for _ in 0..3 {
+            assert_eq!(cache.get::<Counted>("n").await.unwrap(), Some(Counted(8)));
+        }
+        assert_eq!(DECODES.load(Ordering::SeqCst) - before, 5);
+    }
+}

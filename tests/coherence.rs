@@ -418,12 +418,12 @@ async fn org_resolver_invalidate_org_on_a_is_not_undone_by_a_load_held_on_b() {
     for (name, orgs) in [("A", &on_a), ("B", &*on_b)] {
         let by_slug = orgs.by_slug("acme").await.unwrap().unwrap();
         assert_eq!(
-            by_slug.context, new_row,
+            *by_slug.context, new_row,
             "{name}.by_slug ({:?})",
             by_slug.source
         );
         let by_id = orgs.by_id("42").await.unwrap().unwrap();
-        assert_eq!(by_id.context, new_row, "{name}.by_id ({:?})", by_id.source);
+        assert_eq!(*by_id.context, new_row, "{name}.by_id ({:?})", by_id.source);
     }
 }
 
@@ -550,9 +550,9 @@ async fn second_key_write_held_at(method: &'static str, key: &'static str, nth: 
                 "held at {method} {key} #{nth}: {name} serves {cached:?} under {key}"
             );
         }
-        assert_eq!(orgs.by_id("42").await.unwrap().unwrap().context, new_row);
+        assert_eq!(*orgs.by_id("42").await.unwrap().unwrap().context, new_row);
         assert_eq!(
-            orgs.by_slug("acme").await.unwrap().unwrap().context,
+            *orgs.by_slug("acme").await.unwrap().unwrap().context,
             new_row
         );
     }
@@ -701,9 +701,16 @@ async fn concurrent_sets(mode: InvalidationMode) {
         let truth = truth_in_redis(&raw, &key).await;
         let on_a = a.get::<String>(&key).await.unwrap();
         let on_b = b.get::<String>(&key).await.unwrap();
-        if on_a != truth || on_b != truth {
+        // The shared values kept in the L1s, read twice (the second read is an L1 hit).
+        let mut shared = Vec::new();
+        for instance in [&a, &b, &a, &b] {
+            let value = instance.get_shared::<String>(&key).await.unwrap();
+            shared.push(value.as_deref().cloned());
+        }
+        if on_a != truth || on_b != truth || shared.iter().any(|value| *value != truth) {
             disagreeing.push(format!(
-                "round {round}: A {on_a:?}, B {on_b:?}, Redis {truth:?}"
+                "round {round}: A {on_a:?}, B {on_b:?}, shared A, B, A, B {shared:?}, \
+                 Redis {truth:?}"
             ));
         }
     }
@@ -720,6 +727,58 @@ async fn concurrent_sets(mode: InvalidationMode) {
         disagreeing.len(),
         disagreeing.iter().take(5).collect::<Vec<_>>()
     );
+}
+
+/// A tiered instance shares the value its L1 keeps (two hits, one `Arc`), and another
+/// instance's write replaces it: after the invalidation arrives, the next shared read is the
+/// new value, never the kept one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_values_follow_the_other_instances_writes() {
+    for mode in [InvalidationMode::Bus, InvalidationMode::Tracking] {
+        let bus = Bus::with_mode(&RedisServer::shared().url(), 2, mode).await;
+        let (a, b) = (bus.observers[0].clone(), bus.observers[1].clone());
+        let key = format!("{}plan", unique_prefix("shared-values"));
+        for (round, plan) in ["free", "pro", "enterprise"].into_iter().enumerate() {
+            let heard = b.invalidations_applied();
+            a.set(&key, &plan, Some(TTL)).await.unwrap();
+            if round > 0 || mode == InvalidationMode::Bus {
+                // B tracks the key (or hears the bus) once it has read it.
+                assert!(
+                    b.wait_for_invalidations(heard + 1, HANG).await,
+                    "{mode:?} round {round}: B heard A's write"
+                );
+            }
+            let deadline = Instant::now() + HANG;
+            loop {
+                // An L1 miss reads Redis and fills the L1 (a fill that raced an
+                // invalidation is dropped, and the next read fills again).
+                let read = b.get_shared::<String>(&key).await.unwrap().expect("cached");
+                assert_eq!(read.as_str(), plan, "{mode:?} round {round}");
+                if b.cached_locally(&key) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{mode:?}: B never kept the value"
+                );
+            }
+            let second = b.get_shared::<String>(&key).await.unwrap().expect("cached");
+            assert_eq!(second.as_str(), plan, "{mode:?}");
+            let third = b.get_shared::<String>(&key).await.unwrap().expect("cached");
+            assert!(
+                Arc::ptr_eq(&second, &third),
+                "{mode:?} round {round}: L1 hits share one decoded value"
+            );
+        }
+        let heard = b.invalidations_applied();
+        a.invalidate(&key).await.unwrap();
+        assert!(b.wait_for_invalidations(heard + 1, HANG).await);
+        assert_eq!(
+            b.get_shared::<String>(&key).await.unwrap(),
+            None,
+            "{mode:?}"
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -941,21 +1000,39 @@ impl World {
         self.history.lock().unwrap().push(op);
     }
 
-    async fn read(&self, instance: usize, cache: &dyn CacheService, key: usize, delay: Duration) {
+    /// A cache-aside read of `key`; `shared`: through the shared value (`Arc`) kept in
+    /// memory (`get_or_load_shared_with`), else decoded (`get_or_load_with`). Both are held
+    /// to the same bound.
+    async fn read(
+        &self,
+        instance: usize,
+        cache: &dyn CacheService,
+        key: usize,
+        delay: Duration,
+        shared: bool,
+    ) {
         let options = LoadOptions::default()
             .ttl_secs(TTL)
             .load_timeout(Duration::from_secs(5));
+        let load = || async move {
+            let version = self.version(key);
+            if !delay.is_zero() {
+                // A slow query: the row was read now, the answer comes later.
+                tokio::time::sleep(delay).await;
+            }
+            Ok::<_, Infallible>(Some(version))
+        };
         let start = Instant::now();
-        let result = cache
-            .get_or_load_with::<u64, Infallible, _, _>(&self.keys[key], &options, || async move {
-                let version = self.version(key);
-                if !delay.is_zero() {
-                    // A slow query: the row was read now, the answer comes later.
-                    tokio::time::sleep(delay).await;
-                }
-                Ok(Some(version))
-            })
-            .await;
+        let result = if shared {
+            cache
+                .get_or_load_shared_with::<u64, Infallible, _, _>(&self.keys[key], &options, load)
+                .await
+                .map(|loaded| loaded.map(|value| *value))
+        } else {
+            cache
+                .get_or_load_with::<u64, Infallible, _, _>(&self.keys[key], &options, load)
+                .await
+        };
         let end = Instant::now();
         let (returned, source) = match result {
             Ok(loaded) => (loaded.value, Some(loaded.source)),
@@ -1029,7 +1106,8 @@ async fn reader(
         } else {
             Duration::ZERO
         };
-        world.read(instance, &*cache, key, delay).await;
+        let shared = rng.random_bool(0.5);
+        world.read(instance, &*cache, key, delay, shared).await;
         // The time until this client's next request.
         tokio::time::sleep(Duration::from_micros(rng.random_range(0..2000))).await;
     }

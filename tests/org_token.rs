@@ -109,7 +109,7 @@ async fn both_keys_hold_the_same_context(cache: Arc<dyn CacheService>) {
     assert_eq!(by_id.context, by_slug.context);
     assert_eq!(db.loads(), 1);
     let raw: Option<OrgContext> = cache.get(&org::id_key("42")).await.unwrap();
-    assert_eq!(raw.as_ref(), Some(&by_slug.context));
+    assert_eq!(raw.as_ref(), Some(&*by_slug.context));
 
     // And the other way round.
     let globex = orgs.by_id("7").await.unwrap().unwrap();
@@ -132,7 +132,10 @@ async fn unknown_orgs_are_cached_briefly(cache: Arc<dyn CacheService>) {
     tokio::time::sleep(Duration::from_millis(1600)).await;
     db.put(OrgContext::new("99", "no-such-org", "trial"));
     let created = orgs.by_slug("no-such-org").await.unwrap();
-    assert_eq!(created.map(|r| r.context.plan).as_deref(), Some("trial"));
+    assert_eq!(
+        created.map(|r| r.context.plan.clone()).as_deref(),
+        Some("trial")
+    );
     assert_eq!(db.loads(), 2);
 }
 

@@ -21,8 +21,8 @@ use cachet::middleware::{OrgLayer, OrgSource, ResolvedOrg};
 use cachet::org::{OrgIdentity, OrgStore};
 use cachet::token::{MIN_DIGEST_KEY_LEN, ValidToken};
 use cachet::{
-    CacheError, CacheService, EncryptedCacheService, EncryptionKey, EncryptionKeys,
-    MokaCacheService, OrgResolver, RedisCacheService, TieredCacheService, TokenCache,
+    CacheError, CacheService, EncryptionKey, EncryptionKeys, MokaCacheService, OrgResolver,
+    RedisCacheService, TieredCacheService, TokenCache,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use serde::{Deserialize, Serialize};
@@ -73,9 +73,10 @@ pub struct Settings {
     /// The invalidation channel prefix (`None`: the library's default). Instances that must
     /// hear each other use the same one.
     pub channel_prefix: Option<String>,
-    /// The key that encrypts what goes to Redis (AES-256-GCM-SIV, see
-    /// `cachet::EncryptedCacheService`); required with Redis, since org contexts hold
-    /// secrets. Every instance uses the same one.
+    /// The key that encrypts what goes to Redis (AES-256-GCM-SIV at the tiered cache's L2
+    /// boundary, see `cachet::TieredCacheServiceBuilder::encrypt_l2`; the L1 holds plain
+    /// values); required with Redis, since org contexts hold secrets. Every instance uses
+    /// the same one.
     pub encryption_key: Option<EncryptionKey>,
     /// The HMAC-SHA256 key under which API keys are cached (`token:<hex HMAC(key, api
     /// key)>`, see `cachet::TokenCache::with_digest_key`), so that a copy of the cache's
@@ -371,8 +372,10 @@ impl OrgStore for FileOrgStore {
     }
 }
 
-/// Builds the cache: a [`TieredCacheService`] over Redis when a URL is set, encrypted with
-/// `settings.encryption_key` (key id 1), the in-memory [`MokaCacheService`] otherwise.
+/// Builds the cache: a [`TieredCacheService`] over Redis when a URL is set, whose values are
+/// encrypted on their way to Redis with `settings.encryption_key` (key id 1) while its L1
+/// keeps them plain, so an org read served by the L1 costs neither a decryption nor (through
+/// `get_shared`) a decode; the in-memory [`MokaCacheService`] otherwise.
 /// Returns the cache the app uses and, for the tiered backend, its handle (for its
 /// invalidation counter).
 pub async fn build_cache(
@@ -393,10 +396,11 @@ pub async fn build_cache(
                     None,
                 ));
             };
-            let tiered = builder.build().await?;
-            let keys = EncryptionKeys::new(1, key);
-            let encrypted = EncryptedCacheService::new(tiered.clone(), keys);
-            (Arc::new(encrypted), Some(tiered))
+            let tiered = builder
+                .encrypt_l2(EncryptionKeys::new(1, key))
+                .build()
+                .await?;
+            (Arc::new(tiered.clone()), Some(tiered))
         }
         None => (Arc::new(MokaCacheService::default()), None),
     };

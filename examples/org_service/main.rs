@@ -15,7 +15,8 @@
 //!   pub/sub); unset: the in-memory `MokaCacheService`.
 //! - `CACHE_ENCRYPTION_KEY` (required with `REDIS_URL`; the same on every instance): 64 hex
 //!   digits or the base64 of 32 bytes (`openssl rand -base64 32`). Org contexts hold
-//!   secrets, so what goes to Redis is encrypted (`EncryptedCacheService`, AES-256-GCM-SIV).
+//!   secrets, so what goes to Redis is encrypted (AES-256-GCM-SIV at the tiered cache's L2
+//!   boundary, `TieredCacheServiceBuilder::encrypt_l2`; the in-process L1 holds plain values).
 //! - `TOKEN_DIGEST_KEY` (required with `REDIS_URL`; the same on every instance): 64 hex digits
 //!   or the base64 of at least 16 bytes (`openssl rand -base64 32`). Validated API keys are
 //!   cached under `token:<hex HMAC-SHA256(this key, API key)>`, so a copy of Redis's keys does

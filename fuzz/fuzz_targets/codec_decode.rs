@@ -1,5 +1,6 @@
-//! Arbitrary bytes into `cachet::codec::decode`: it must never panic, and whatever it
-//! accepts must encode again and decode to an equal value.
+//! Arbitrary bytes into `cachet::codec::decode`, and into the MessagePack codec
+//! (`codec::decode_with(&MessagePack, ..)`, given the bytes as they are and behind its header):
+//! neither may panic, and whatever one accepts must encode again and decode to an equal value.
 //!
 //! Run: `RUSTC_BOOTSTRAP=1 cargo fuzz run codec_decode -- -max_total_time=20`
 #![no_main]
@@ -7,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 
-use cachet::codec;
+use cachet::codec::{self, Codec, MessagePack};
 use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -122,18 +123,51 @@ where
     );
 }
 
+/// The same through a binary codec, which does decode `NaN`: values are compared with
+/// `PartialEq`, or else as JSON values (where every `NaN` is `null`).
+fn check_binary<T>(codec: &dyn Codec, data: &[u8])
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug,
+{
+    let Ok(value) = codec::decode_with::<T>(codec, KEY, data) else {
+        return;
+    };
+    let bytes = codec::encode_with(codec, KEY, &value)
+        .unwrap_or_else(|e| panic!("decoded value does not encode again: {e}\n{value:?}"));
+    let again: T = codec::decode_with(codec, KEY, &bytes).unwrap_or_else(|e| {
+        panic!("re-encoded value does not decode: {e}\nvalue: {value:?}\nbytes: {bytes:?}")
+    });
+    let as_json = |v: &T| serde_json::to_value(v).ok();
+    assert!(
+        value == again || as_json(&value) == as_json(&again),
+        "round trip changed the value: {value:?} then {again:?}; bytes: {bytes:?}"
+    );
+}
+
+/// One type through JSON, and through MessagePack given `data` as it is and behind the codec's
+/// header (`tagged`, so that the fuzzer reaches the MessagePack decoder at once).
+fn check_type<T>(data: &[u8], tagged: &[u8])
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug,
+{
+    check::<T>(data);
+    check_binary::<T>(&MessagePack, data);
+    check_binary::<T>(&MessagePack, tagged);
+}
+
 fuzz_target!(|data: &[u8]| {
-    check::<OrgContext>(data);
-    check::<Vec<OrgContext>>(data);
-    check::<HashMap<String, Setting>>(data);
-    check::<Member>(data);
-    check::<Plan>(data);
-    check::<Option<Sso>>(data);
-    check::<String>(data);
-    check::<Vec<u8>>(data);
-    check::<u64>(data);
-    check::<i64>(data);
-    check::<f64>(data);
-    check::<bool>(data);
-    check::<Option<String>>(data);
+    let tagged = [&b"\0cb\x01"[..], data].concat();
+    check_type::<OrgContext>(data, &tagged);
+    check_type::<Vec<OrgContext>>(data, &tagged);
+    check_type::<HashMap<String, Setting>>(data, &tagged);
+    check_type::<Member>(data, &tagged);
+    check_type::<Plan>(data, &tagged);
+    check_type::<Option<Sso>>(data, &tagged);
+    check_type::<String>(data, &tagged);
+    check_type::<Vec<u8>>(data, &tagged);
+    check_type::<u64>(data, &tagged);
+    check_type::<i64>(data, &tagged);
+    check_type::<f64>(data, &tagged);
+    check_type::<bool>(data, &tagged);
+    check_type::<Option<String>>(data, &tagged);
 });

@@ -21,7 +21,7 @@ pub use tiered::{TieredCacheService, TieredCacheServiceBuilder};
 #[allow(unused_imports)]
 use crate::CacheError;
 #[allow(unused_imports)]
-use crate::service::{CacheService, Lease, LeaseRead, LeaseRequest};
+use crate::service::{CacheService, Decoder, Lease, LeaseRead, LeaseRequest, SharedValue};
 #[allow(unused_imports)]
 use bytes::Bytes;
 

@@ -10,9 +10,12 @@ use bytes::Bytes;
 use moka::Expiry;
 use moka::sync::Cache as MokaCache;
 
+use crate::codec::frame::now_ms;
 use crate::load::{Frame, Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
 use crate::observe::{Backend, CacheStats, Instruments, Op, observed};
-use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
+use crate::service::{
+    DEFAULT_TTL_SECS, DecodedSlot, Decoder, SharedValue, check_default_ttl, resolve_ttl,
+};
 use crate::{CacheError, CacheService};
 
 /// Default capacity of [`MokaCacheService::default`], in entries.
@@ -34,6 +37,8 @@ struct Entry {
     /// Numbers the writes, so that a lease can replace exactly the value a caller saw.
     id: u64,
     lease: Option<Arc<LeaseMark>>,
+    /// What `value` decodes to, made by the first shared read (`get_shared`).
+    decoded: Arc<DecodedSlot>,
 }
 
 /// A lease held on a key: its holder's token and when it ends.
@@ -50,6 +55,7 @@ impl Entry {
             ttl,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             lease: None,
+            decoded: Arc::new(DecodedSlot::new()),
         }
     }
 
@@ -229,6 +235,22 @@ impl MokaCacheService {
         }
     }
 
+    /// What a shared read of `key` sees: `None` when there is no readable entry, else the
+    /// entry's value decoded as `decoder`'s type (kept in the entry from its first such read).
+    pub(crate) fn read_shared(
+        &self,
+        key: &str,
+        decoder: &Decoder,
+    ) -> Option<Result<Option<SharedValue>, CacheError>> {
+        let entry = match self.cache.get(key) {
+            Some(entry) if entry.lease.is_some() => return None,
+            Some(entry) => entry,
+            None => self.negatives.get(key)?,
+        };
+        let decoded = entry.decoded.get_or_decode(key, &entry.value, decoder);
+        Some(decoded.map(|decoded| decoded.value(now_ms)))
+    }
+
     /// Removes `key` from both spaces.
     fn remove(&self, key: &str) {
         self.cache.invalidate(key);
@@ -294,6 +316,21 @@ impl CacheService for MokaCacheService {
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
         Some(self.get_now(key))
+    }
+
+    fn get_shared_now(
+        &self,
+        key: &str,
+        decoder: &Decoder,
+    ) -> Option<Result<Option<SharedValue>, CacheError>> {
+        #[cfg(any(feature = "metrics", feature = "tracing"))]
+        return Some(self.instruments.now(Op::Get, key, || {
+            let found = self.read_shared(key, decoder);
+            self.instruments.read(found.is_some());
+            found.unwrap_or(Ok(None))
+        }));
+        #[cfg(not(any(feature = "metrics", feature = "tracing")))]
+        Some(self.read_shared(key, decoder).unwrap_or(Ok(None)))
     }
 
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {

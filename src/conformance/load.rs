@@ -38,7 +38,8 @@ impl fmt::Display for StoreDown {
 
 impl std::error::Error for StoreDown {}
 
-fn load_ok<T, E: fmt::Display>(what: &str, result: Result<T, LoadError<E>>) -> T {
+/// The value of a load that must succeed.
+pub(super) fn load_ok<T, E: fmt::Display>(what: &str, result: Result<T, LoadError<E>>) -> T {
     match result {
         Ok(v) => v,
         Err(e) => panic!("{what}: unexpected error: {e}"),

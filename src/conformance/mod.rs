@@ -112,6 +112,12 @@ checks! {
         a_slow_loader_times_out_for_every_caller,
         corrupt_entries_are_reloaded_and_overwritten,
         invalid_options_are_errors;
+    shared:
+        shared_round_trip,
+        shared_value_follows_writes_and_invalidations,
+        shared_wrong_type_is_serialization_error,
+        shared_value_expires_with_its_ttl,
+        shared_cache_aside;
 }
 
 #[deny(dead_code)]
@@ -121,6 +127,8 @@ mod leases;
 #[deny(dead_code)]
 mod load;
 pub mod model;
+#[deny(dead_code)]
+mod shared;
 
 /// Generates one `#[tokio::test]` per conformance check (see [`CHECKS`]), each on a fresh
 /// service built by `$make` (an expression evaluated inside the async test; it may `.await`)

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use bytes::Bytes;
 
+use crate::service::{Decoder, SharedValue};
 use crate::{CacheError, CacheService};
 
 /// The character between a namespace and a key in the stored name. A namespace may not
@@ -181,6 +182,14 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
 
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
         self.inner.get_bytes_now(&self.stored_key(key))
+    }
+
+    fn get_shared_now(
+        &self,
+        key: &str,
+        decoder: &Decoder,
+    ) -> Option<Result<Option<SharedValue>, CacheError>> {
+        self.inner.get_shared_now(&self.stored_key(key), decoder)
     }
 
     async fn set_bytes(

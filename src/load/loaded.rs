@@ -41,4 +41,37 @@ impl<T> Loaded<T> {
     pub fn is_stale(&self) -> bool {
         self.source == LoadSource::Stale
     }
+
+    /// A fresh value found in the cache.
+    pub(crate) fn from_cache(value: T) -> Self {
+        Loaded {
+            value: Some(value),
+            source: LoadSource::Cache,
+            cache_error: None,
+            written: None,
+        }
+    }
+
+    /// The same result with the value mapped by `f`.
+    ///
+    /// ```
+    /// use cachet::{CacheServiceExt, MokaCacheService, LoadOptions};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = MokaCacheService::default();
+    /// let loaded = cache
+    ///     .get_or_load_with("n", &LoadOptions::default(), || async { Ok::<_, std::io::Error>(Some(2u32)) })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(loaded.map(|n| n * 10).value, Some(20));
+    /// # }
+    /// ```
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Loaded<U> {
+        Loaded {
+            value: self.value.map(f),
+            source: self.source,
+            cache_error: self.cache_error,
+            written: self.written,
+        }
+    }
 }

@@ -307,26 +307,29 @@ impl Instruments {
         result
     }
 
-    /// A read answered in memory or not at all: `lookup` finds the value; a hit is counted
-    /// and timed as one `op`, a `None` is left to the slow path that follows (which counts
-    /// it), so nothing is counted twice.
+    /// A read answered in memory or not at all: `lookup` finds the answer; an answer is
+    /// counted (as a hit unless it is an error) and timed as one `op`, a `None` is left to
+    /// the slow path that follows (which counts it), so nothing is counted twice.
     #[inline(always)]
     #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
-    pub(crate) fn hit_now(
+    pub(crate) fn hit_now<V>(
         &self,
         op: Op,
         key: &str,
-        lookup: impl FnOnce() -> Option<bytes::Bytes>,
-    ) -> Option<Result<Option<bytes::Bytes>, CacheError>> {
+        lookup: impl FnOnce() -> Option<Result<Option<V>, CacheError>>,
+    ) -> Option<Result<Option<V>, CacheError>> {
         let timer = self.start();
-        let hit = lookup()?;
+        let result = lookup()?;
         #[cfg(feature = "tracing")]
         let span = self.spans.span(op, key);
         #[cfg(feature = "tracing")]
         let _entered = span.enter();
-        self.read(true);
-        let result = Ok(Some(hit));
+        if result.is_ok() {
+            self.read(true);
+        }
         self.finish(op, timer, &result);
+        #[cfg(feature = "tracing")]
+        spans::record_result(&span, &result);
         Some(result)
     }
 

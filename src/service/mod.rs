@@ -17,9 +17,11 @@ use bytes::Bytes;
 use enum_dispatch::enum_dispatch;
 
 pub use self::lease::{Lease, LeaseRead, LeaseRequest};
+pub use self::shared::{Decoded, DecodedSlot, Decoder, SharedValue};
 use crate::CacheError;
 
 pub mod lease;
+pub mod shared;
 
 /// The longest TTL any backend accepts: 100 years of 365 days, in seconds. Longer is a
 /// [`CacheError::InvalidArgument`] rather than an overflow somewhere below.
@@ -80,6 +82,38 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// ```
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
         let _ = key;
+        None
+    }
+
+    /// A read answered from a decoded value kept in process memory (see [`shared`]):
+    /// `Some(answer)`, the same answer [`get_bytes_now`](CacheService::get_bytes_now) and
+    /// decoding its bytes with `decoder` would give, the value shared rather than decoded
+    /// again; or `None` to say "read the bytes" (this backend keeps no decoded values, or
+    /// the key is not in its memory). The default is `None`.
+    ///
+    /// [`get_shared`](crate::CacheServiceExt::get_shared) tries it first. Wrappers that keep
+    /// the bytes as they are must forward it (the `Arc`, `Box` and `&` impls and
+    /// [`NamespacedCacheService`](crate::NamespacedCacheService) do); one that changes the
+    /// bytes (encryption) must not, since the inner service's values are not its own.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+    /// cache.set("org:acme", &"Acme".to_string(), None).await?;
+    /// let first: Arc<String> = cache.get_shared("org:acme").await?.unwrap();
+    /// let second: Arc<String> = cache.get_shared("org:acme").await?.unwrap();
+    /// assert!(Arc::ptr_eq(&first, &second)); // decoded once
+    /// # Ok(()) }
+    /// ```
+    fn get_shared_now(
+        &self,
+        key: &str,
+        decoder: &Decoder,
+    ) -> Option<Result<Option<SharedValue>, CacheError>> {
+        let _ = (key, decoder);
         None
     }
 
@@ -259,6 +293,14 @@ macro_rules! forward_cache_service {
 
             fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
                 (**self).get_bytes_now(key)
+            }
+
+            fn get_shared_now(
+                &self,
+                key: &str,
+                decoder: &Decoder,
+            ) -> Option<Result<Option<SharedValue>, CacheError>> {
+                (**self).get_shared_now(key, decoder)
             }
 
             fn set_bytes<'s, 'k, 'f>(

@@ -94,7 +94,7 @@ pub trait OrgIdentity {
 pub trait OrgStore: Send + Sync {
     /// The org context the app caches (decrypted secrets included: wrap the cache in an
     /// [`EncryptedCacheService`](crate::decorate) when it is shared).
-    type Context: OrgIdentity + Serialize + DeserializeOwned + Send + Sync;
+    type Context: OrgIdentity + Serialize + DeserializeOwned + Send + Sync + 'static;
     /// The store's error.
     type Error: std::error::Error + Send + Sync + 'static;
 
@@ -115,8 +115,10 @@ pub trait OrgStore: Send + Sync {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct Resolved<C> {
-    /// The context.
-    pub context: C,
+    /// The context, shared: on the in-memory backend and a tiered instance's L1, the same
+    /// decoded value for every request until the entry changes (no decode per request; see
+    /// [`get_shared`](crate::CacheServiceExt::get_shared)).
+    pub context: Arc<C>,
     /// The cache, this call's store load, another caller's load, or fail-safe.
     pub source: LoadSource,
 }
@@ -432,7 +434,7 @@ impl<S: OrgStore> OrgResolver<S> {
     {
         let loaded = self
             .cache
-            .get_or_load_with(&key, &self.options, load)
+            .get_or_load_shared_with(&key, &self.options, load)
             .await?;
         if let (Some(context), Some((stored, ttl))) = (&loaded.value, &loaded.written) {
             if let Some(other) = other_key(context) {

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::bus::Bus;
+use super::sealed::SealedL2;
 use super::shared::Shared;
 use super::tracking::Tracking;
 use super::{DEFAULT_L1_MAX_TTL, Inner, Stream, TieredCacheService};
@@ -46,6 +47,9 @@ pub struct TieredCacheServiceBuilder {
     pub(super) l1: crate::MokaCacheServiceBuilder,
     pub(super) channel_prefix: String,
     pub(super) mode: InvalidationMode,
+    /// The keys that seal values in L2 ([`encrypt_l2`](Self::encrypt_l2)).
+    #[cfg(feature = "encryption")]
+    pub(super) l2_keys: Option<crate::EncryptionKeys>,
 }
 
 impl TieredCacheServiceBuilder {
@@ -56,6 +60,8 @@ impl TieredCacheServiceBuilder {
             l1: MokaCacheService::builder(),
             channel_prefix: invalidation::DEFAULT_CHANNEL_PREFIX.to_owned(),
             mode: InvalidationMode::Auto,
+            #[cfg(feature = "encryption")]
+            l2_keys: None,
         }
     }
 
@@ -115,6 +121,77 @@ impl TieredCacheServiceBuilder {
         self
     }
 
+    /// Encrypts at the L2 boundary: every value this instance writes to Redis is sealed
+    /// with `keys` (AES-256-GCM-SIV, the key name authenticated, the write's expiry sealed,
+    /// the key id stored for rotation: the envelope, keys and rotation of
+    /// [`EncryptedCacheService`](crate::EncryptedCacheService)), and every value it reads
+    /// from Redis is opened with them, while its L1 holds the plain values.
+    ///
+    /// - Writes (`set`, and the cache-aside write-back through a lease) seal the value with
+    ///   the expiry of the write's TTL; `None` is the Redis service's default TTL, so the
+    ///   sealed expiry and the server's TTL agree.
+    /// - Reads from Redis (an L1 miss, a lease that finds a value) decrypt it: a value past
+    ///   its sealed expiry is a miss, whatever TTL the server holds (a lease replaces it, as
+    ///   an expired entry); one that does not decrypt (tampered, a plain value, a key id
+    ///   the keyring does not hold, a wrong key) is [`CacheError::Integrity`] naming the key,
+    ///   and stays stored; cache-aside loads treat it as unusable and overwrite it.
+    /// - The L1 holds plain payloads: an L1 hit costs no decryption, and
+    ///   [`get_shared`](crate::CacheServiceExt::get_shared) hits share one decoded value.
+    /// - Invalidations (tracking or the bus), leases, `invalidate_prefix` and the L1
+    ///   coherence rules are unchanged: they carry key names, never values. Key names are not
+    ///   encrypted: keep secrets out of them.
+    ///
+    /// Rotation as with the decorator: deploy `EncryptionKeys::new(2, new).with_previous(1,
+    /// old)?` on every instance; values written with key 1 still read, new writes use key
+    /// 2; drop key 1 once the longest TTL in use has passed. While that rollout runs, an
+    /// instance still on key 1 alone cannot read key-2 values (`Integrity`, reloaded by
+    /// cache-aside); to avoid even that, first deploy `EncryptionKeys::new(1,
+    /// old).with_previous(2, new)?` everywhere, then make key 2 current.
+    ///
+    /// **When to choose it over wrapping the tiered service in
+    /// [`EncryptedCacheService`](crate::EncryptedCacheService).** Both keep Redis free of
+    /// plaintext. With L2 encryption, the process's own cache memory holds plain values,
+    /// which is as trusted as the app that decrypts them anyway: an L1 hit is a lookup (no
+    /// AES-GCM-SIV, and with `get_shared` no decode either), and only fills and writes pay
+    /// the cipher. Wrapped, the L1 holds ciphertext and every hit decrypts and decodes; choose
+    /// it when nothing plain may sit in the process's cache memory (a heap dump or a core
+    /// file must not show the secrets; values live there up to the L1 lifetime, not only
+    /// while a request uses them).
+    ///
+    /// **Switching a fleet between the two.** They store the same bytes in Redis for the same
+    /// write (the tiered envelope around the encrypted envelope of the value; the decorator
+    /// binds the same key name), so with the same keyring each reads what the other wrote and
+    /// instances of both kinds can run side by side during a rollout. Two differences: a
+    /// write with a `None` TTL is sealed with the Redis service's default TTL here, and with
+    /// the decorator's own default (300 s unless
+    /// [`with_default_ttl_secs`](crate::EncryptedCacheService::with_default_ttl_secs)) there;
+    /// and an instance *without* any encryption reading sealed values gets the sealed bytes
+    /// (a typed read is a [`CacheError::Serialization`] error), while an instance with L2
+    /// encryption reading a plain value gets [`CacheError::Integrity`]: turning encryption on
+    /// or off across a fleet means misses and errors, which cache-aside loads turn into
+    /// reloads, until the old values are overwritten or expire.
+    ///
+    /// ```no_run
+    /// use cachet::{CacheServiceExt, EncryptionKey, EncryptionKeys, RedisCacheService, TieredCacheService};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let key = EncryptionKey::parse(&std::env::var("CACHE_ENCRYPTION_KEY")?)?;
+    /// let cache = TieredCacheService::builder(RedisCacheService::builder("redis://127.0.0.1:6379"))
+    ///     .encrypt_l2(EncryptionKeys::new(1, key))
+    ///     .build()
+    ///     .await?;
+    /// cache.set("org:acme:sso", &"client-secret", None).await?; // ciphertext in Redis
+    /// // A read from Redis decrypts (and fills the L1); L1 hits after it cost no decryption.
+    /// let secret = cache.get_shared::<String>("org:acme:sso").await?;
+    /// assert_eq!(secret.as_deref().map(String::as_str), Some("client-secret"));
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "encryption")]
+    pub fn encrypt_l2(mut self, keys: crate::EncryptionKeys) -> Self {
+        self.l2_keys = Some(keys);
+        self
+    }
+
     /// Connects L2, starts listening for invalidations, and returns once that stream is
     /// known to be live.
     pub async fn build(self) -> Result<TieredCacheService, CacheError> {
@@ -150,6 +227,15 @@ impl TieredCacheServiceBuilder {
         )))
     }
 
+    /// L2 as the service uses it: sealed with the L2 keys, if any.
+    fn seal(&self, l2: RedisCacheService) -> SealedL2 {
+        #[cfg(feature = "encryption")]
+        if let Some(keys) = &self.l2_keys {
+            return SealedL2::encrypted(l2, keys.clone());
+        }
+        SealedL2::plain(l2)
+    }
+
     async fn build_tracking(self) -> Result<TieredCacheService, CacheError> {
         let l2 = self.redis.clone().build().await?;
         let shared = self.shared(&l2, false)?;
@@ -160,7 +246,7 @@ impl TieredCacheServiceBuilder {
         Ok(TieredCacheService {
             inner: Arc::new(Inner {
                 shared,
-                l2,
+                l2: self.seal(l2),
                 stream: Stream::Tracking(tracking),
             }),
         })
@@ -176,7 +262,7 @@ impl TieredCacheServiceBuilder {
         Ok(TieredCacheService {
             inner: Arc::new(Inner {
                 shared,
-                l2,
+                l2: self.seal(l2),
                 stream: Stream::Bus(bus),
             }),
         })

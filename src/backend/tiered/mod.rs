@@ -8,6 +8,7 @@ mod bus;
 mod coherence;
 pub mod envelope;
 pub mod invalidation;
+mod sealed;
 mod shared;
 mod tracking;
 
@@ -24,12 +25,13 @@ pub use self::bus::SUBSCRIBER_CAPACITY;
 pub use self::coherence::STRIPES;
 use self::envelope::Envelope;
 use self::invalidation::Operation;
+use self::sealed::{SealedL2, SealedLease};
 use self::shared::Shared;
 pub use self::tracking::CHECK_EVERY as TRACKING_CHECK_EVERY;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::observe::{CacheStats, Op, ResetReason, observed};
-use crate::service::resolve_ttl;
-use crate::{CacheError, CacheService, RedisCacheService, RedisCacheServiceBuilder};
+use crate::service::{Decoder, SharedValue, resolve_ttl};
+use crate::{CacheError, CacheService, RedisCacheServiceBuilder};
 
 /// Default longest life of an L1 entry: it bounds how stale an instance can be if an
 /// invalidation message is lost.
@@ -62,7 +64,9 @@ pub const DEFAULT_L1_MAX_TTL: Duration = Duration::from_secs(30);
 /// same holds for writes by other clients, expiries, evictions and flushes.
 ///
 /// Values in L2 are enveloped: read them through a tiered service, not a plain
-/// [`RedisCacheService`].
+/// [`RedisCacheService`](crate::RedisCacheService). With
+/// [`encrypt_l2`](TieredCacheServiceBuilder::encrypt_l2) they are also encrypted there (the
+/// L1 keeps them plain).
 ///
 /// When to choose it: many instances reading the same hot keys (org contexts on every
 /// request), where a local hit (hundreds of nanoseconds) instead of a round trip matters and a
@@ -87,7 +91,8 @@ pub struct TieredCacheService {
 
 struct Inner {
     shared: Arc<Shared>,
-    l2: RedisCacheService,
+    /// Every L2 call that carries value bytes goes through it (envelope, L2 encryption).
+    l2: SealedL2,
     stream: Stream,
 }
 
@@ -116,7 +121,27 @@ impl TieredCacheService {
     /// ([`RedisConcurrencyService::from_connection`](crate::RedisConcurrencyService::from_connection))
     /// or another cache; the tiered cache's own tracking or bus connection is not part of it.
     pub fn connection(&self) -> &crate::backend::redis::RedisConnection {
-        self.inner.l2.connection()
+        self.inner.l2.redis().connection()
+    }
+
+    /// The keyring that seals what this instance writes to Redis and opens what it reads
+    /// ([`encrypt_l2`](TieredCacheServiceBuilder::encrypt_l2)); `None`: values are stored
+    /// plain.
+    ///
+    /// ```no_run
+    /// use cachet::{EncryptionKeys, RedisCacheService, TieredCacheService};
+    ///
+    /// # #[tokio::main] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = TieredCacheService::builder(RedisCacheService::builder("redis://127.0.0.1:6379"))
+    ///     .encrypt_l2(EncryptionKeys::new(2, [2u8; 32]).with_previous(1, [1u8; 32])?)
+    ///     .build()
+    ///     .await?;
+    /// assert_eq!(cache.l2_encryption_keys().map(|keys| keys.current_id()), Some(2));
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "encryption")]
+    pub fn l2_encryption_keys(&self) -> Option<&crate::EncryptionKeys> {
+        self.inner.l2.keys()
     }
 
     /// This instance's id in invalidation messages.
@@ -234,7 +259,7 @@ impl TieredCacheService {
     async fn publish(&self, operation: Operation, key: &str) -> Result<(), CacheError> {
         match &self.inner.stream {
             Stream::Bus(bus) => {
-                bus.publish(&self.inner.shared, &self.inner.l2, operation, key)
+                bus.publish(&self.inner.shared, self.inner.l2.redis(), operation, key)
                     .await
             }
             Stream::Tracking(_) => Ok(()),
@@ -244,9 +269,12 @@ impl TieredCacheService {
 
 impl fmt::Debug for TieredCacheService {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TieredCacheService")
-            .field("l2", &self.inner.l2)
-            .field("l1_max_ttl", &self.inner.shared.l1_max_ttl)
+        let mut out = f.debug_struct("TieredCacheService");
+        out.field("l2", self.inner.l2.redis());
+        // Key ids only: the keyring's `Debug` never shows a key.
+        #[cfg(feature = "encryption")]
+        out.field("l2_encryption", &self.inner.l2.keys());
+        out.field("l1_max_ttl", &self.inner.shared.l1_max_ttl)
             .field("invalidation", &self.invalidation_mode())
             .field("channel", &self.channel())
             .field("instance_id", &self.inner.shared.instance_id)
@@ -272,13 +300,9 @@ impl CacheService for TieredCacheService {
             }
             shared.instruments.read(false);
             let ticket = shared.coherence.ticket(key);
-            let Some(stored) = self.inner.l2.get_bytes(key).await? else {
+            let Some(envelope) = self.inner.l2.get(key).await? else {
                 return Ok(None);
             };
-            let envelope = Envelope::decode(key, &stored)?;
-            if envelope.remaining().is_zero() {
-                return Ok(None);
-            }
             shared.fill(key, &envelope, &ticket);
             Ok(Some(envelope.payload))
         })
@@ -287,12 +311,30 @@ impl CacheService for TieredCacheService {
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
         // A miss in L1 says nothing about L2 (`get_bytes` follows, and counts it).
         let instruments = &self.inner.shared.instruments;
+        let hit = || self.inner.shared.l1_hit(key).map(|hit| Ok(Some(hit)));
         #[cfg(any(feature = "metrics", feature = "tracing"))]
-        return instruments.hit_now(Op::Get, key, || self.inner.shared.l1_hit(key));
+        return instruments.hit_now(Op::Get, key, hit);
         #[cfg(not(any(feature = "metrics", feature = "tracing")))]
         {
             let _ = instruments;
-            self.inner.shared.l1_hit(key).map(|hit| Ok(Some(hit)))
+            hit()
+        }
+    }
+
+    fn get_shared_now(
+        &self,
+        key: &str,
+        decoder: &Decoder,
+    ) -> Option<Result<Option<SharedValue>, CacheError>> {
+        // As `get_bytes_now`: the L1's decoded value, or "read the bytes" (a miss).
+        let instruments = &self.inner.shared.instruments;
+        let hit = || self.inner.shared.l1_shared(key, decoder);
+        #[cfg(any(feature = "metrics", feature = "tracing"))]
+        return instruments.hit_now(Op::Get, key, hit);
+        #[cfg(not(any(feature = "metrics", feature = "tracing")))]
+        {
+            let _ = instruments;
+            hit()
         }
     }
 
@@ -303,14 +345,11 @@ impl CacheService for TieredCacheService {
         ttl_secs: Option<u64>,
     ) -> Result<(), CacheError> {
         observed!(self.inner.shared.instruments, Op::Set, key, async {
-            let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
+            let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.redis().default_ttl())?;
             let envelope = Envelope::new(value, ttl);
             let shared = &self.inner.shared;
             let ticket = shared.coherence.ticket(key);
-            self.inner
-                .l2
-                .set_bytes(key, envelope.encode(), ttl_secs)
-                .await?;
+            self.inner.l2.set(key, &envelope, ttl_secs).await?;
             shared.own_write(key, envelope.payload, ttl, &ticket);
             self.publish(Operation::Key(key.to_owned()), key).await
         })
@@ -318,7 +357,7 @@ impl CacheService for TieredCacheService {
 
     async fn invalidate(&self, key: &str) -> Result<(), CacheError> {
         observed!(self.inner.shared.instruments, Op::Invalidate, key, async {
-            self.inner.l2.invalidate(key).await?;
+            self.inner.l2.redis().invalidate(key).await?;
             self.inner.shared.coherence.touch(key);
             self.inner.shared.l1.forget(key);
             self.publish(Operation::Key(key.to_owned()), key).await
@@ -331,7 +370,7 @@ impl CacheService for TieredCacheService {
             Op::InvalidatePrefix,
             prefix,
             async {
-                let removed = self.inner.l2.invalidate_prefix(prefix).await?;
+                let removed = self.inner.l2.redis().invalidate_prefix(prefix).await?;
                 self.inner.shared.coherence.touch_all();
                 self.inner.shared.l1.invalidate_prefix(prefix).await?;
                 self.publish(Operation::Prefix(prefix.to_owned()), prefix)
@@ -345,19 +384,15 @@ impl CacheService for TieredCacheService {
         observed!(self.inner.shared.instruments, Op::Lease, key, async {
             let shared = &self.inner.shared;
             let mut request = std::borrow::Cow::Borrowed(request);
-            // Twice at most: a value found past its envelope's expiry is replaced by the lease.
+            // Twice at most: a value found past its expiry (the envelope's, or with L2
+            // encryption the sealed one) is replaced by the lease.
             for _ in 0..2 {
                 let ticket = shared.coherence.ticket(key);
                 match self.inner.l2.lease(key, &request).await? {
-                    LeaseRead::Value { value, version } => {
-                        let envelope = match Envelope::decode(key, &value) {
-                            Ok(envelope) => envelope,
-                            Err(error) => return Ok(LeaseRead::Unreadable { error, version }),
-                        };
-                        if envelope.remaining().is_zero() {
-                            request.to_mut().replace = Some(version);
-                            continue;
-                        }
+                    SealedLease::Expired { version } => {
+                        request.to_mut().replace = Some(version);
+                    }
+                    SealedLease::Value { envelope, version } => {
                         // With tracking, a key read by a script may not be tracked: fill from plain reads only.
                         if matches!(self.inner.stream, Stream::Bus(_)) {
                             shared.fill(key, &envelope, &ticket);
@@ -367,13 +402,13 @@ impl CacheService for TieredCacheService {
                             version,
                         });
                     }
-                    LeaseRead::Granted(lease) => {
+                    SealedLease::Other(LeaseRead::Granted(lease)) => {
                         // Whatever this L1 held for the key (an unusable copy) goes.
                         shared.coherence.touch(key);
                         shared.l1.forget(key);
                         return Ok(LeaseRead::Granted(lease));
                     }
-                    other => return Ok(other),
+                    SealedLease::Other(other) => return Ok(other),
                 }
             }
             // It changed under us twice: let the caller ask again.
@@ -391,14 +426,14 @@ impl CacheService for TieredCacheService {
         ttl_secs: Option<u64>,
     ) -> Result<bool, CacheError> {
         observed!(self.inner.shared.instruments, Op::SetLeased, key, async {
-            let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.default_ttl())?;
+            let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.redis().default_ttl())?;
             let envelope = Envelope::new(value, ttl);
             let shared = &self.inner.shared;
             let ticket = shared.coherence.ticket(key);
             let stored = self
                 .inner
                 .l2
-                .set_leased(key, lease, envelope.encode(), ttl_secs)
+                .set_leased(key, lease, &envelope, ttl_secs)
                 .await?;
             // The key held our lease, so no instance holds a usable copy: nobody to tell.
             if stored {
@@ -413,7 +448,7 @@ impl CacheService for TieredCacheService {
             self.inner.shared.instruments,
             Op::ReleaseLease,
             key,
-            async { self.inner.l2.release_lease(key, lease).await }
+            async { self.inner.l2.redis().release_lease(key, lease).await }
         )
     }
 }

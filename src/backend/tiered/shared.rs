@@ -12,7 +12,8 @@ use super::coherence::{Coherence, Ticket};
 use crate::envelope::Envelope;
 use crate::invalidation::{Message, Operation};
 use crate::observe::{self, Instruments, ResetReason};
-use crate::{CacheService, MokaCacheService};
+use crate::service::{Decoder, SharedValue};
+use crate::{CacheError, CacheService, MokaCacheService};
 
 pub(super) struct Shared {
     pub(super) l1: MokaCacheService,
@@ -130,6 +131,17 @@ impl Shared {
     pub(super) fn l1_hit(&self, key: &str) -> Option<Bytes> {
         self.l1
             .peek(key)
+            .filter(|_| !self.coherence.is_pending(key))
+    }
+
+    /// [`l1_hit`](Self::l1_hit) decoded as `decoder`'s type (kept in the L1's entry).
+    pub(super) fn l1_shared(
+        &self,
+        key: &str,
+        decoder: &Decoder,
+    ) -> Option<Result<Option<SharedValue>, CacheError>> {
+        self.l1
+            .read_shared(key, decoder)
             .filter(|_| !self.coherence.is_pending(key))
     }
 

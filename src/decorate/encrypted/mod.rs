@@ -111,7 +111,7 @@ use bytes::Bytes;
 use zeroize::Zeroize;
 
 use crate::load::{Lease, LeaseRead, LeaseRequest};
-use crate::service::{DEFAULT_TTL_SECS, check_default_ttl, resolve_ttl};
+use crate::service::{DEFAULT_TTL_SECS, Decoder, SharedValue, check_default_ttl, resolve_ttl};
 use crate::{CacheError, CacheService, IntegrityProblem};
 
 mod envelope;
@@ -322,6 +322,17 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
         self.inner
             .get_bytes_now(key)
             .map(|answer| answer.and_then(|stored| self.open(key, stored)))
+    }
+
+    /// Not forwarded: the inner service holds ciphertext, whose decoded value is not this
+    /// service's. Shared reads through this decorator decrypt and decode each time.
+    fn get_shared_now(
+        &self,
+        key: &str,
+        decoder: &Decoder,
+    ) -> Option<Result<Option<SharedValue>, CacheError>> {
+        let _ = (key, decoder);
+        None
     }
 
     async fn set_bytes(

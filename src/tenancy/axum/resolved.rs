@@ -71,12 +71,17 @@ impl<C> ResolvedOrg<C> {
     pub fn is_stale(&self) -> bool {
         self.source == LoadSource::Stale
     }
+
+    /// A resolved org whose context is already shared.
+    pub fn shared(context: Arc<C>, source: LoadSource) -> Self {
+        ResolvedOrg { context, source }
+    }
 }
 
 impl<C> From<Resolved<C>> for ResolvedOrg<C> {
+    /// The resolver's shared context, as it is (no copy).
     fn from(resolved: Resolved<C>) -> Self {
-        let source = resolved.source;
-        ResolvedOrg::new(resolved.context, source)
+        ResolvedOrg::shared(resolved.context, resolved.source)
     }
 }
 

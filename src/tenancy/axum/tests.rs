@@ -156,6 +156,44 @@ fn with_header(uri: &str, name: &str, value: &str) -> Request<Body> {
         .unwrap()
 }
 
+/// The request extension holds the cache's shared context: from the second request on
+/// (the first is the load), every request gets the same `Arc`, decoded once.
+#[tokio::test]
+async fn requests_share_one_decoded_context() {
+    let resolver = resolver(CountingStore::with(&[acme()]));
+    let seen: Arc<Mutex<Vec<Arc<Ctx>>>> = Arc::default();
+    let keep = Arc::clone(&seen);
+    let app = Router::new()
+        .route(
+            "/orgs/{slug}",
+            get(move |Extension(org): Extension<ResolvedOrg<Ctx>>| {
+                let keep = Arc::clone(&keep);
+                async move {
+                    keep.lock().unwrap().push(Arc::clone(org.context_arc()));
+                    "ok"
+                }
+            }),
+        )
+        .route_layer(OrgLayer::new(
+            Arc::clone(&resolver),
+            OrgSource::path_segment(1),
+        ));
+    for _ in 0..4 {
+        assert_eq!(
+            send(&app, get_req("/orgs/acme")).await.status,
+            StatusCode::OK
+        );
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 4);
+    assert!(seen.iter().all(|ctx| **ctx == acme()));
+    assert!(
+        Arc::ptr_eq(&seen[1], &seen[2]) && Arc::ptr_eq(&seen[2], &seen[3]),
+        "hits share the decoded context"
+    );
+    assert_eq!(resolver.store().loads.load(Ordering::SeqCst), 1);
+}
+
 #[tokio::test]
 async fn path_segment_puts_the_context_into_the_extensions() {
     let resolver = resolver(CountingStore::with(&[acme()]));
