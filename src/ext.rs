@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::codec::Frame;
+use crate::codec::{Codec, Frame};
 use crate::load::{LoadError, LoadOptions, Loaded};
 use crate::service::{Decoded, Decoder, MAX_TTL_SECS, SharedValue};
 use crate::{CacheError, CacheService, codec};
@@ -58,7 +58,7 @@ pub trait CacheServiceExt: CacheService {
                 None => self.get_bytes(key).await?,
             };
             match stored {
-                Some(bytes) => codec::frame::decode_stored(key, &bytes),
+                Some(bytes) => codec::frame::decode_stored_with(self.codec(), key, &bytes),
                 None => Ok(None),
             }
         }
@@ -101,7 +101,7 @@ pub trait CacheServiceExt: CacheService {
     where
         T: DeserializeOwned + Send + Sync + 'static,
     {
-        let now = self.get_shared_now(key, &decoder::<T>());
+        let now = self.get_shared_now(key, &decoder::<T>(self.codec()));
         async move {
             match now {
                 Some(answer) => answer?.map(|value| downcast::<T>(key, value)).transpose(),
@@ -295,7 +295,7 @@ pub trait CacheServiceExt: CacheService {
         ttl_secs: Option<u64>,
     ) -> impl Future<Output = Result<(), CacheError>> + Send {
         // Encode before the future is built, so that it does not hold `&T` (no `T: Sync`).
-        let encoded = codec::encode(key, value);
+        let encoded = codec::encode_with(self.codec(), key, value);
         async move { self.set_bytes(key, encoded?, ttl_secs).await }
     }
 }
@@ -305,23 +305,29 @@ impl<S: CacheService + ?Sized> CacheServiceExt for S {}
 /// The [`Decoder`] of `T`: stored bytes (plain, or a cache-aside frame) as a shared `T`,
 /// with the meaning [`get`](CacheServiceExt::get) gives them (a cached "not found" and a
 /// value fail-safe keeps for cache-aside read as nothing; a frame past its freshness too).
-fn decoder<T: DeserializeOwned + Send + Sync + 'static>() -> Decoder {
-    Decoder::new(TypeId::of::<T>(), type_name::<T>(), decode_shared::<T>)
+fn decoder<T: DeserializeOwned + Send + Sync + 'static>(codec: &dyn Codec) -> Decoder<'_> {
+    Decoder::new(
+        TypeId::of::<T>(),
+        type_name::<T>(),
+        codec,
+        decode_shared::<T>,
+    )
 }
 
 fn decode_shared<T: DeserializeOwned + Send + Sync + 'static>(
+    codec: &dyn Codec,
     key: &str,
     stored: &Bytes,
 ) -> Result<Decoded, CacheError> {
     if !Frame::is_framed(stored) {
-        let value: T = codec::decode(key, stored)?;
+        let value: T = codec::decode_with(codec, key, stored)?;
         return Ok(Decoded::plain(Arc::new(value)));
     }
     let frame = Frame::decode(key, stored)?;
     if frame.absent || frame.stale {
         return Ok(Decoded::nothing());
     }
-    let value: T = codec::decode(key, &frame.payload)?;
+    let value: T = codec::decode_with(codec, key, &frame.payload)?;
     Ok(Decoded::fresh_until(Arc::new(value), frame.fresh_until_ms))
 }
 
@@ -340,7 +346,7 @@ where
     T: DeserializeOwned + Send + Sync + 'static,
     S: CacheService + ?Sized,
 {
-    match cache.get_shared_now(key, &decoder::<T>()) {
+    match cache.get_shared_now(key, &decoder::<T>(cache.codec())) {
         Some(Ok(Some(value))) => downcast(key, value).ok(),
         _ => None,
     }

@@ -22,7 +22,7 @@
 //!
 //! | feature | adds | pulls in |
 //! | --- | --- | --- |
-//! | (core, always) | the contract ([`CacheService`], [`CacheServiceExt`]), [`codec`], errors, [`MokaCacheService`], cache-aside ([`load`]), [`NamespacedCacheService`], in-process locks | moka, serde_json, tokio |
+//! | (core, always) | the contract ([`CacheService`], [`CacheServiceExt`]), [`codec`], errors, [`MokaCacheService`], cache-aside ([`load`]), [`NamespacedCacheService`], in-process locks | moka, serde_json, erased-serde, rmp-serde, tokio |
 //! | `redis` (default) | [`RedisCacheService`] (standalone, Cluster, Sentinel, TLS), [`TieredCacheService`], [`RedisConcurrencyService`] | fred, rustls |
 //! | `encryption` (default) | [`EncryptedCacheService`] | aes-gcm-siv, aes-gcm |
 //! | `tenancy` (default) | [`OrgResolver`], [`TokenCache`] | sha2, hmac |

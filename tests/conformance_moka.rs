@@ -33,6 +33,15 @@ mod boxed_byte_bounded {
     ) as Box<dyn cachet::CacheService>);
 }
 
+mod message_pack {
+    cachet::conformance_tests!(
+        cachet::MokaCacheService::builder()
+            .codec(cachet::codec::MessagePack)
+            .build()
+            .unwrap()
+    );
+}
+
 #[test]
 fn conformance_suite_has_at_least_20_checks() {
     assert!(cachet::conformance::CHECKS.len() >= 20);

@@ -38,6 +38,16 @@ mod valkey_standalone {
     cachet::conformance_tests!(super::connect(super::RedisServer::shared_valkey().url()).await);
 }
 
+mod message_pack_cluster {
+    cachet::conformance_tests!(
+        cachet::RedisCacheService::builder(super::RedisCluster::shared().url())
+            .codec(cachet::codec::MessagePack)
+            .build()
+            .await
+            .expect("a MessagePack service on the cluster")
+    );
+}
+
 mod through_cache_enum {
     cachet::conformance_tests!(cachet::Cache::from(
         super::connect(super::RedisServer::shared().url()).await
@@ -132,4 +142,45 @@ async fn large_prefix_invalidation_is_exact() {
     assert_eq!(server.cli(&["DBSIZE"]).trim(), "55000");
     assert_eq!(cache.invalidate_prefix("hot:").await.unwrap(), 0);
     assert_eq!(cache.get::<u32>("cold:1").await.unwrap(), Some(1));
+}
+
+/// One key, two services with different codecs: each reads the other's value as a
+/// `Serialization` error that names both codecs (never a wrong value), and the value stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_written_with_one_codec_and_read_with_another_names_both() {
+    use cachet::CacheServiceExt;
+    let url = RedisServer::shared().url();
+    let json = connect(url.clone()).await;
+    let packed = cachet::RedisCacheService::builder(url)
+        .codec(cachet::codec::MessagePack)
+        .build()
+        .await
+        .unwrap();
+    let prefix = cachet::conformance::unique_prefix("codec-mismatch");
+    for (writer, reader, written, read) in [
+        (&json, &packed, "json", "msgpack"),
+        (&packed, &json, "msgpack", "json"),
+    ] {
+        let key = format!("{prefix}{written}");
+        writer.set(&key, &"pro", None).await.unwrap();
+        for result in [
+            reader.get::<String>(&key).await.map(|v| v.is_some()),
+            reader.get_shared::<String>(&key).await.map(|v| v.is_some()),
+        ] {
+            let error = result.expect_err("another codec's bytes");
+            assert!(
+                matches!(error, cachet::CacheError::Serialization { .. }),
+                "{error:?}"
+            );
+            let text = format!("{error}");
+            assert!(
+                text.contains(written) && text.contains(read),
+                "the error names both codecs: {text}"
+            );
+        }
+        assert_eq!(
+            writer.get::<String>(&key).await.unwrap().as_deref(),
+            Some("pro")
+        );
+    }
 }

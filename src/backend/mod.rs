@@ -21,6 +21,8 @@ pub use tiered::{TieredCacheService, TieredCacheServiceBuilder};
 #[allow(unused_imports)]
 use crate::CacheError;
 #[allow(unused_imports)]
+use crate::codec::Codec;
+#[allow(unused_imports)]
 use crate::service::{CacheService, Decoder, Lease, LeaseRead, LeaseRequest, SharedValue};
 #[allow(unused_imports)]
 use bytes::Bytes;

@@ -11,6 +11,7 @@ use moka::Expiry;
 use moka::sync::Cache as MokaCache;
 
 use crate::codec::frame::now_ms;
+use crate::codec::{Codec, Json};
 use crate::load::{Frame, Lease, LeaseRead, LeaseRequest, LeaseToken, StoredVersion};
 use crate::observe::{Backend, CacheStats, Instruments, Op, observed};
 use crate::service::{
@@ -130,6 +131,8 @@ pub struct MokaCacheService {
     instruments: Instruments,
     /// `clear` calls, for [`stats`](Self::stats).
     resets: Arc<AtomicU64>,
+    /// The typed helpers' codec ([`CacheService::codec`]).
+    codec: Arc<dyn Codec>,
 }
 
 struct WriteStripes {
@@ -371,6 +374,10 @@ impl CacheService for MokaCacheService {
         self.scope
     }
 
+    fn codec(&self) -> &dyn Codec {
+        &*self.codec
+    }
+
     async fn set_bytes(
         &self,
         key: &str,
@@ -537,6 +544,7 @@ pub struct MokaCacheServiceBuilder {
     capacity: Capacity,
     negative_entries: Option<u64>,
     default_ttl_secs: u64,
+    codec: Arc<dyn Codec>,
 }
 
 impl Default for MokaCacheServiceBuilder {
@@ -545,6 +553,7 @@ impl Default for MokaCacheServiceBuilder {
             capacity: Capacity::Entries(DEFAULT_MAX_ENTRIES),
             negative_entries: None,
             default_ttl_secs: DEFAULT_TTL_SECS,
+            codec: Arc::new(Json),
         }
     }
 }
@@ -590,6 +599,13 @@ impl MokaCacheServiceBuilder {
         self
     }
 
+    /// How the typed helpers encode values for this cache ([`Json`] by default; see
+    /// [`codec`](crate::codec) for [`MessagePack`](crate::codec::MessagePack)).
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
     /// The TTL for a `set` that passes `None` (default 300 s; `1..=MAX_TTL_SECS`).
     pub fn default_ttl_secs(mut self, secs: u64) -> Self {
         self.default_ttl_secs = secs;
@@ -630,6 +646,7 @@ impl MokaCacheServiceBuilder {
             stripes: Arc::new(WriteStripes::new()),
             instruments: Instruments::new(backend, None),
             resets: Arc::new(AtomicU64::new(0)),
+            codec: self.codec,
         }
     }
 }

@@ -85,7 +85,8 @@ impl Frame {
 
     /// Whether `stored` is framed (starts with the frame's NUL byte) rather than plain JSON.
     pub fn is_framed(stored: &[u8]) -> bool {
-        stored.first() == Some(&0)
+        // A binary codec's output starts with a NUL byte too, then its own magic.
+        stored.first() == Some(&0) && !stored.starts_with(crate::codec::tag::MAGIC)
     }
 
     /// Whether `stored` is a well-formed cached "not found" (a marker of an unknown key):
@@ -198,8 +199,26 @@ pub fn decode_stored<T: DeserializeOwned>(
     key: &str,
     stored: &Bytes,
 ) -> Result<Option<T>, CacheError> {
+    decode_stored_with(&codec::Json, key, stored)
+}
+
+/// [`decode_stored`] with the value (plain, or a frame's payload) decoded by `codec`.
+///
+/// ```
+/// use bytes::Bytes;
+/// use cachet::codec::{self, MessagePack, frame::decode_stored_with};
+///
+/// let stored = codec::encode_with(&MessagePack, "k", &7u32).unwrap();
+/// assert_eq!(decode_stored_with::<u32>(&MessagePack, "k", &stored).unwrap(), Some(7));
+/// assert!(decode_stored_with::<u32>(&codec::Json, "k", &stored).is_err()); // names both codecs
+/// ```
+pub fn decode_stored_with<T: DeserializeOwned>(
+    codec: &dyn codec::Codec,
+    key: &str,
+    stored: &Bytes,
+) -> Result<Option<T>, CacheError> {
     if !Frame::is_framed(stored) {
-        return codec::decode(key, stored).map(Some);
+        return codec::decode_with(codec, key, stored).map(Some);
     }
     let frame = Frame::decode(key, stored)?;
     // A value fail-safe re-stored past its TTL (flagged stale, fresh only for the throttle
@@ -207,7 +226,7 @@ pub fn decode_stored<T: DeserializeOwned>(
     if frame.absent || frame.stale || !frame.is_fresh(now_ms()) {
         return Ok(None);
     }
-    codec::decode(key, &frame.payload).map(Some)
+    codec::decode_with(codec, key, &frame.payload).map(Some)
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+use crate::codec::Codec;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use bytes::Bytes;
 
@@ -211,6 +212,10 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
     /// one store shares loads (its keys are the same stored keys), another namespace never
     /// does (its `k` is another stored key). The top bit is set, as for the backends' own
     /// scopes, so it is never an address.
+    fn codec(&self) -> &dyn Codec {
+        self.inner.codec()
+    }
+
     fn flight_scope(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         // `DefaultHasher::new()` has fixed keys: the same scope for the same input.

@@ -32,7 +32,7 @@ where
     let valid_ttl = ttl_secs.is_none_or(|secs| (1..=MAX_TTL_SECS).contains(&secs));
     let hit = match &now {
         Some(Ok(Some(stored))) if valid_ttl && !Frame::is_framed(stored) => {
-            codec::decode(key, stored).ok()
+            codec::decode_with(cache.codec(), key, stored).ok()
         }
         _ => None,
     };
@@ -77,7 +77,7 @@ where
     // As in `get_or_load`: a fresh in-memory hit is answered at once, the rest boxed.
     let now = cache.get_bytes_now(key);
     let hit = match options.check(key) {
-        Ok(()) => super::read::fresh_hit::<T>(key, options, &now),
+        Ok(()) => super::read::fresh_hit::<T>(cache.codec(), key, options, &now),
         Err(_) => None, // reported by the slow path
     };
     async move {

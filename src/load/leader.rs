@@ -127,7 +127,13 @@ where
         match cache.lease(key, &request).await {
             Ok(LeaseRead::Value { value, version }) => {
                 let mut read_error = None;
-                match classify::<T>(key, Ok(Some(value)), options, &mut read_error) {
+                match classify::<T>(
+                    cache.codec(),
+                    key,
+                    Ok(Some(value)),
+                    options,
+                    &mut read_error,
+                ) {
                     Read::Hit(value, payload, was_stale) => {
                         let source = match (was_stale, joined) {
                             (false, true) => LoadSource::Joined,
@@ -180,7 +186,13 @@ where
     // options name one (the single flight leases give everyone else).
     if guard.is_plain() {
         let mut recheck_error = None;
-        match classify::<T>(key, cache.get_bytes(key).await, options, &mut recheck_error) {
+        match classify::<T>(
+            cache.codec(),
+            key,
+            cache.get_bytes(key).await,
+            options,
+            &mut recheck_error,
+        ) {
             Read::Hit(value, payload, was_stale) => {
                 let source = cached_source(was_stale);
                 return hit(value, payload, source, recheck_error.or(cache_error));
@@ -201,6 +213,7 @@ where
                 guard.hold_lock(lock);
                 let mut under_lock_error = None;
                 if let Read::Hit(value, payload, was_stale) = classify::<T>(
+                    cache.codec(),
                     key,
                     cache.get_bytes(key).await,
                     options,
@@ -242,7 +255,7 @@ where
     guard.close();
     let failure = match loaded {
         Ok(Ok(Some((value, ttl)))) => {
-            let payload = match codec::encode(key, &value) {
+            let payload = match codec::encode_with(cache.codec(), key, &value) {
                 Ok(payload) => payload,
                 Err(error) => {
                     let outcome = Outcome::Unusable(Arc::from(error.to_string()));
@@ -321,7 +334,7 @@ where
     if let Some(frame) = stale {
         let now = now_ms();
         if now < frame.stale_until_ms {
-            if let Ok(value) = codec::decode::<T>(key, &frame.payload) {
+            if let Ok(value) = codec::decode_with::<T>(cache.codec(), key, &frame.payload) {
                 let throttle_ms =
                     u64::try_from(options.fail_safe_throttle.as_millis()).unwrap_or(u64::MAX);
                 let mut throttled = Frame::value(

@@ -161,7 +161,7 @@ where
         Some(read) => read,
         None => cache.get_bytes(key).await,
     };
-    let stale = match classify::<T>(key, read, options, &mut cache_error) {
+    let stale = match classify::<T>(cache.codec(), key, read, options, &mut cache_error) {
         Read::Hit(value, _, stale) => {
             return Ok(Loaded {
                 value,
@@ -191,7 +191,7 @@ where
         match outcome {
             Outcome::Value { payload, stale } => {
                 let value = match payload {
-                    Some(payload) => Some(codec::decode::<T>(key, &payload)?),
+                    Some(payload) => Some(codec::decode_with::<T>(cache.codec(), key, &payload)?),
                     None => None,
                 };
                 let source = if stale {

@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 
 use super::{LoadOptions, LoadSource, Loaded};
 use crate::CacheError;
-use crate::codec::{self, Frame, frame::now_ms};
+use crate::codec::{self, Codec, Frame, frame::now_ms};
 
 /// What a cache read means for a load.
 pub(super) enum Read<T> {
@@ -19,6 +19,7 @@ pub(super) enum Read<T> {
 /// What `read` (of `key`) means under `options`; an error worked around (a failed read,
 /// bytes that do not decode) is left in `cache_error`.
 pub(super) fn classify<T: DeserializeOwned>(
+    codec: &dyn Codec,
     key: &str,
     read: Result<Option<Bytes>, CacheError>,
     options: &LoadOptions,
@@ -33,7 +34,7 @@ pub(super) fn classify<T: DeserializeOwned>(
         }
     };
     if !Frame::is_framed(&stored) {
-        return match codec::decode(key, &stored) {
+        return match codec::decode_with(codec, key, &stored) {
             Ok(value) => Read::Hit(Some(value), Some(stored), false),
             Err(error) => {
                 *cache_error = Some(error);
@@ -63,7 +64,7 @@ pub(super) fn classify<T: DeserializeOwned>(
             Read::Miss { stale: None }
         };
     }
-    match codec::decode(key, &frame.payload) {
+    match codec::decode_with(codec, key, &frame.payload) {
         Ok(value) => Read::Hit(Some(value), Some(frame.payload), frame.stale),
         Err(error) => {
             *cache_error = Some(error);
@@ -75,6 +76,7 @@ pub(super) fn classify<T: DeserializeOwned>(
 /// A fresh hit in a read already made (the in-memory fast path), without touching the
 /// flight table; `None` for anything else (a miss, a stale value, an error, no read).
 pub(super) fn fresh_hit<T: DeserializeOwned>(
+    codec: &dyn Codec,
     key: &str,
     options: &LoadOptions,
     first_read: &Option<Result<Option<Bytes>, CacheError>>,
@@ -83,7 +85,7 @@ pub(super) fn fresh_hit<T: DeserializeOwned>(
         return None;
     };
     let mut ignored = None;
-    match classify::<T>(key, Ok(Some(stored.clone())), options, &mut ignored) {
+    match classify::<T>(codec, key, Ok(Some(stored.clone())), options, &mut ignored) {
         Read::Hit(value, _, stale) => Some(Loaded {
             value,
             source: cached_source(stale),

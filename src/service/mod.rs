@@ -19,6 +19,7 @@ use enum_dispatch::enum_dispatch;
 pub use self::lease::{Lease, LeaseRead, LeaseRequest};
 pub use self::shared::{Decoded, DecodedSlot, Decoder, SharedValue};
 use crate::CacheError;
+use crate::codec::{Codec, Json};
 
 pub mod lease;
 pub mod shared;
@@ -188,6 +189,23 @@ pub trait CacheService: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// How the typed helpers ([`CacheServiceExt`](crate::CacheServiceExt)) encode values
+    /// for this service and decode what it stores: [`Json`] unless the backend was built
+    /// with another [`Codec`] (`codec(..)` on the builders). Wrappers forward it; every
+    /// service that shares a store should use one codec (bytes written with another are a
+    /// [`CacheError::Serialization`] naming both).
+    ///
+    /// ```
+    /// use cachet::{CacheService, MokaCacheService};
+    ///
+    /// assert_eq!(MokaCacheService::default().codec().name(), "json");
+    /// let packed = MokaCacheService::builder().codec(cachet::codec::MessagePack).build().unwrap();
+    /// assert_eq!(packed.codec().name(), "msgpack");
+    /// ```
+    fn codec(&self) -> &dyn Codec {
+        &Json
+    }
+
     /// Which store this service is, for the single flight of
     /// [`get_or_load`](crate::CacheServiceExt::get_or_load): concurrent loads of one key through
     /// services with the same scope share one loader call.
@@ -340,6 +358,10 @@ macro_rules! forward_cache_service {
 
             fn flight_scope(&self) -> u64 {
                 (**self).flight_scope()
+            }
+
+            fn codec(&self) -> &dyn Codec {
+                (**self).codec()
             }
             fn lease<'s, 'k, 'r, 'f>(
                 &'s self,

@@ -16,31 +16,39 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use crate::CacheError;
+use crate::codec::Codec;
 
 /// A decoded value, shared: an `Arc<T>` behind `dyn Any` (the `T` of the [`Decoder`] that
 /// made it).
 pub type SharedValue = Arc<dyn Any + Send + Sync>;
 
 /// How stored bytes become a value of one type, for
-/// [`get_shared_now`](super::CacheService::get_shared_now). Made by the typed helpers for
-/// their `T`; backends call [`decode`](Decoder::decode) (or let a [`DecodedSlot`] call it)
-/// and wrappers pass it on.
-pub struct Decoder {
+/// [`get_shared_now`](super::CacheService::get_shared_now): the type, and the service's
+/// [`Codec`]. Made by the typed helpers for their `T`; backends call
+/// [`decode`](Decoder::decode) (or let a [`DecodedSlot`] call it) and wrappers pass it on.
+pub struct Decoder<'c> {
     type_id: TypeId,
     type_name: &'static str,
-    decode: fn(&str, &Bytes) -> Result<Decoded, CacheError>,
+    codec: &'c dyn Codec,
+    decode: DecodeFn,
 }
 
-impl Decoder {
-    /// The decoder of the type `type_id` (named `type_name`) that `decode` produces.
+/// What a [`Decoder`] runs: the codec, the key, the stored bytes.
+type DecodeFn = fn(&dyn Codec, &str, &Bytes) -> Result<Decoded, CacheError>;
+
+impl<'c> Decoder<'c> {
+    /// The decoder of the type `type_id` (named `type_name`) that `decode` produces with
+    /// `codec`.
     pub(crate) fn new(
         type_id: TypeId,
         type_name: &'static str,
-        decode: fn(&str, &Bytes) -> Result<Decoded, CacheError>,
+        codec: &'c dyn Codec,
+        decode: DecodeFn,
     ) -> Self {
         Decoder {
             type_id,
             type_name,
+            codec,
             decode,
         }
     }
@@ -56,16 +64,18 @@ impl Decoder {
     }
 
     /// Decodes the bytes stored under `key`: a [`CacheError::Serialization`] when they are
-    /// not a `T`, or a [`CacheError::Integrity`] when a cache-aside frame is malformed.
+    /// not a `T` (or were written with another codec), or a [`CacheError::Integrity`] when a
+    /// cache-aside frame is malformed.
     pub fn decode(&self, key: &str, stored: &Bytes) -> Result<Decoded, CacheError> {
-        (self.decode)(key, stored)
+        (self.decode)(self.codec, key, stored)
     }
 }
 
-impl fmt::Debug for Decoder {
+impl fmt::Debug for Decoder<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Decoder")
             .field("type", &self.type_name)
+            .field("codec", &self.codec.name())
             .finish()
     }
 }

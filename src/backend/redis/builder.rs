@@ -7,7 +7,10 @@ use std::time::Duration;
 use super::connection::{RedisConnection, RedisConnectionBuilder};
 use super::scan::DEFAULT_SCAN_COUNT;
 use super::{RedisCacheService, Settings};
+use std::sync::Arc;
+
 use crate::CacheError;
+use crate::codec::{Codec, Json};
 use crate::service::{DEFAULT_TTL_SECS, check_default_ttl};
 
 /// Builds a [`RedisCacheService`]; every setting has a default.
@@ -33,6 +36,7 @@ pub struct RedisCacheServiceBuilder {
     default_ttl_secs: u64,
     namespace: String,
     scan_count: u32,
+    codec: Arc<dyn Codec>,
 }
 
 impl fmt::Debug for RedisCacheServiceBuilder {
@@ -42,6 +46,7 @@ impl fmt::Debug for RedisCacheServiceBuilder {
             .field("default_ttl_secs", &self.default_ttl_secs)
             .field("namespace", &self.namespace)
             .field("scan_count", &self.scan_count)
+            .field("codec", &self.codec.name())
             .finish()
     }
 }
@@ -53,6 +58,7 @@ impl RedisCacheServiceBuilder {
             default_ttl_secs: DEFAULT_TTL_SECS,
             namespace: String::new(),
             scan_count: DEFAULT_SCAN_COUNT,
+            codec: Arc::new(Json),
         }
     }
 
@@ -104,6 +110,15 @@ impl RedisCacheServiceBuilder {
         self
     }
 
+    /// How the typed helpers encode values for this service ([`Json`] by default; see
+    /// [`codec`](crate::codec) for when to choose [`MessagePack`](crate::codec::MessagePack)).
+    /// Every service on the same keys needs the same codec: bytes written with another are a
+    /// [`CacheError::Serialization`] naming both. A tiered cache uses its Redis builder's.
+    pub fn codec(mut self, codec: impl Codec) -> Self {
+        self.codec = Arc::new(codec);
+        self
+    }
+
     /// Reconnection delays: exponential from `min` to `max` (defaults 50 ms, 2 s), with
     /// jitter, forever unless [`reconnect_max_attempts`](Self::reconnect_max_attempts).
     pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Self {
@@ -126,11 +141,13 @@ impl RedisCacheServiceBuilder {
 
     /// The cache's own settings, checked.
     fn settings(&self) -> Result<Settings, CacheError> {
-        Settings::new(
+        let mut settings = Settings::new(
             self.default_ttl_secs,
             self.namespace.clone(),
             self.scan_count,
-        )
+        )?;
+        settings.codec = Arc::clone(&self.codec);
+        Ok(settings)
     }
 
     /// Parses the URL, connects, and checks the server answers.
@@ -163,6 +180,7 @@ impl Settings {
             namespace,
             default_ttl: Duration::from_secs(default_ttl_secs),
             scan_count: scan_count.max(1),
+            codec: Arc::new(Json),
         })
     }
 }

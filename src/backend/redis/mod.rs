@@ -28,6 +28,7 @@ pub use self::connection::{
     DEFAULT_COMMAND_TIMEOUT, DEFAULT_CONNECT_TIMEOUT, RedisConnection, RedisConnectionBuilder,
 };
 pub use self::scan::{DEFAULT_SCAN_COUNT, escape_glob};
+use crate::codec::Codec;
 #[cfg(feature = "future-slots")]
 use crate::future_slot::boxed as box_future;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
@@ -88,6 +89,8 @@ pub(super) struct Settings {
     namespace: String,
     default_ttl: Duration,
     scan_count: u32,
+    /// The typed helpers' codec ([`CacheService::codec`]).
+    codec: Arc<dyn Codec>,
 }
 
 impl RedisCacheService {
@@ -254,6 +257,10 @@ impl CacheService for RedisCacheService {
     fn flight_scope(&self) -> u64 {
         // Every clone shares `inner` (and so the store).
         Arc::as_ptr(&self.inner).addr() as u64
+    }
+
+    fn codec(&self) -> &dyn Codec {
+        &*self.inner.settings.codec
     }
 
     // `get_bytes`, `set_bytes` and `invalidate` box their futures through `box_future` rather

@@ -28,6 +28,7 @@ use self::invalidation::Operation;
 use self::sealed::{SealedL2, SealedLease};
 use self::shared::Shared;
 pub use self::tracking::CHECK_EVERY as TRACKING_CHECK_EVERY;
+use crate::codec::Codec;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::observe::{CacheStats, Op, ResetReason, observed};
 use crate::service::{Decoder, SharedValue, resolve_ttl};
@@ -289,6 +290,11 @@ impl CacheService for TieredCacheService {
     fn flight_scope(&self) -> u64 {
         // Every clone shares `inner` (and so the store).
         Arc::as_ptr(&self.inner).addr() as u64
+    }
+
+    /// The Redis service's codec (what Redis holds is its).
+    fn codec(&self) -> &dyn Codec {
+        self.inner.l2.redis().codec()
     }
 
     async fn get_bytes(&self, key: &str) -> Result<Option<Bytes>, CacheError> {

@@ -110,6 +110,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use zeroize::Zeroize;
 
+use crate::codec::Codec;
 use crate::load::{Lease, LeaseRead, LeaseRequest};
 use crate::service::{DEFAULT_TTL_SECS, Decoder, SharedValue, check_default_ttl, resolve_ttl};
 use crate::{CacheError, CacheService, IntegrityProblem};
@@ -361,6 +362,10 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
     /// [`load::invalidate_in_flight`]: crate::load::invalidate_in_flight
     fn flight_scope(&self) -> u64 {
         self.inner.flight_scope()
+    }
+
+    fn codec(&self) -> &dyn Codec {
+        self.inner.codec()
     }
 
     /// Decrypts a value the inner lease returns. One past its authenticated expiry is a
