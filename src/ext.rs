@@ -332,11 +332,16 @@ fn decode_shared<T: DeserializeOwned + Send + Sync + 'static>(
 }
 
 /// The `Arc<T>` behind a value `decoder::<T>()` made.
+#[inline]
 fn downcast<T: Send + Sync + 'static>(key: &str, value: SharedValue) -> Result<Arc<T>, CacheError> {
-    value.downcast::<T>().map_err(|_| {
-        // Only a backend that kept a value under the wrong type id could get here.
-        CacheError::serialization::<T>(key, "decode", "the kept value is of another type")
-    })
+    value.downcast::<T>().map_err(|_| wrong_type::<T>(key))
+}
+
+/// Only a backend that kept a value under the wrong type id could get here.
+#[cold]
+#[inline(never)]
+fn wrong_type<T>(key: &str) -> CacheError {
+    CacheError::serialization::<T>(key, "decode", "the kept value is of another type")
 }
 
 /// A fresh value of `key` kept decoded in memory, for the cache-aside fast paths; `None`

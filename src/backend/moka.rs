@@ -31,15 +31,31 @@ const ENTRY_OVERHEAD_BYTES: u64 = 64;
 
 /// One stored value and how long it lives from its write; or a cache-aside lease on the
 /// key (then `value` is empty and reads see a miss).
+///
+/// One `Arc`: moka clones the value on every read, so a hit costs one reference count
+/// (the bytes, the lease and the decoded slot are behind it, in one allocation).
 #[derive(Clone)]
-struct Entry {
+struct Entry(Arc<EntryData>);
+
+/// What an [`Entry`] holds.
+struct EntryData {
+    /// What `value` decodes to, made by the first shared read (`get_shared`); first, so
+    /// that a shared hit reads the reference count and the slot from one cache line.
+    decoded: DecodedSlot,
     value: Bytes,
     ttl: Duration,
     /// Numbers the writes, so that a lease can replace exactly the value a caller saw.
     id: u64,
-    lease: Option<Arc<LeaseMark>>,
-    /// What `value` decodes to, made by the first shared read (`get_shared`).
-    decoded: Arc<DecodedSlot>,
+    lease: Option<LeaseMark>,
+}
+
+impl std::ops::Deref for Entry {
+    type Target = EntryData;
+
+    #[inline]
+    fn deref(&self) -> &EntryData {
+        &self.0
+    }
 }
 
 /// A lease held on a key: its holder's token and when it ends.
@@ -50,19 +66,29 @@ struct LeaseMark {
 
 impl Entry {
     fn value(value: Bytes, ttl: Duration) -> Self {
+        Entry::new(value, ttl, None)
+    }
+
+    /// A lease on the key for `ttl`, held by `token` (an empty value: reads see a miss).
+    fn lease(token: LeaseToken, ttl: Duration, now: Instant) -> Self {
+        let until = now + ttl;
+        Entry::new(Bytes::new(), ttl, Some(LeaseMark { token, until }))
+    }
+
+    fn new(value: Bytes, ttl: Duration, lease: Option<LeaseMark>) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        Entry {
+        Entry(Arc::new(EntryData {
+            decoded: DecodedSlot::new(),
             value,
             ttl,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            lease: None,
-            decoded: Arc::new(DecodedSlot::new()),
-        }
+            lease,
+        }))
     }
 
     /// The value, unless this is a lease.
-    fn readable(self) -> Option<Bytes> {
-        self.lease.is_none().then_some(self.value)
+    fn readable(&self) -> Option<Bytes> {
+        self.lease.is_none().then(|| self.value.clone())
     }
 }
 
@@ -234,12 +260,13 @@ impl MokaCacheService {
     fn read(&self, key: &str) -> Option<Bytes> {
         match self.cache.get(key) {
             Some(entry) => entry.readable(),
-            None => self.negatives.get(key).map(|entry| entry.value),
+            None => self.negatives.get(key).map(|entry| entry.value.clone()),
         }
     }
 
     /// What a shared read of `key` sees: `None` when there is no readable entry, else the
     /// entry's value decoded as `decoder`'s type (kept in the entry from its first such read).
+    #[inline(always)]
     pub(crate) fn read_shared(
         &self,
         key: &str,
@@ -250,8 +277,7 @@ impl MokaCacheService {
             Some(entry) => entry,
             None => self.negatives.get(key)?,
         };
-        let decoded = entry.decoded.get_or_decode(key, &entry.value, decoder);
-        Some(decoded.map(|decoded| decoded.value(now_ms)))
+        Some(entry.decoded.value_now(key, &entry.value, decoder, now_ms))
     }
 
     /// Removes `key` from both spaces.
@@ -262,7 +288,9 @@ impl MokaCacheService {
 
     /// Whether `token` holds the lease on `key` now (call with the key's stripe held).
     fn holds(&self, key: &str, token: &LeaseToken) -> bool {
-        matches!(self.cache.get(key), Some(Entry { lease: Some(mark), .. }) if mark.token == *token)
+        self.cache
+            .get(key)
+            .is_some_and(|entry| matches!(&entry.lease, Some(mark) if mark.token == *token))
     }
 
     /// Removes the lease on `key` if `token` holds it.
@@ -430,33 +458,26 @@ impl MokaCacheService {
         if request.renew && !self.holds(key, &request.token) {
             return Ok(LeaseRead::Lost);
         }
-        match self.current(key) {
-            Some(Entry {
-                lease: Some(mark), ..
-            }) if mark.token != request.token && mark.until > now => {
-                return Ok(LeaseRead::Held {
-                    remaining: mark.until - now,
-                });
+        if let Some(entry) = self.current(key) {
+            match &entry.lease {
+                Some(mark) if mark.token != request.token && mark.until > now => {
+                    return Ok(LeaseRead::Held {
+                        remaining: mark.until - now,
+                    });
+                }
+                None if request.replace.as_ref().and_then(StoredVersion::as_id)
+                    != Some(entry.id) =>
+                {
+                    return Ok(LeaseRead::Value {
+                        value: entry.value.clone(),
+                        version: StoredVersion::of_id(entry.id),
+                    });
+                }
+                _ => {}
             }
-            Some(Entry {
-                lease: None,
-                value,
-                id,
-                ..
-            }) if request.replace.as_ref().and_then(StoredVersion::as_id) != Some(id) => {
-                return Ok(LeaseRead::Value {
-                    value,
-                    version: StoredVersion::of_id(id),
-                });
-            }
-            _ => {}
         }
-        let mut entry = Entry::value(Bytes::new(), request.ttl.max(Duration::from_millis(1)));
-        entry.lease = Some(Arc::new(LeaseMark {
-            token: request.token.clone(),
-            until: now + entry.ttl,
-        }));
-        self.put(key, entry);
+        let ttl = request.ttl.max(Duration::from_millis(1));
+        self.put(key, Entry::lease(request.token.clone(), ttl, now));
         let (service, owned_key, token) = (self.clone(), key.to_owned(), request.token.clone());
         Ok(LeaseRead::Granted(Lease::new(
             request.token.clone(),

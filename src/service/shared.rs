@@ -54,6 +54,7 @@ impl<'c> Decoder<'c> {
     }
 
     /// The type the values are decoded as.
+    #[inline]
     pub fn type_id(&self) -> TypeId {
         self.type_id
     }
@@ -116,6 +117,7 @@ impl Decoded {
 
     /// The value as a read sees it now: `None` once a framed value is past its freshness
     /// (`now_ms` is called only then, so a plain value costs no clock read).
+    #[inline]
     pub fn value(&self, now_ms: impl FnOnce() -> u64) -> Option<SharedValue> {
         let value = self.value.as_ref()?;
         if self.fresh_until_ms != u64::MAX && now_ms() >= self.fresh_until_ms {
@@ -156,6 +158,36 @@ impl DecodedSlot {
         // Two first readers may both decode; one result is kept, both are equal.
         let _ = self.0.set((decoder.type_id(), decoded.clone()));
         Ok(decoded)
+    }
+
+    /// What a read of `stored` as `decoder`'s type sees now: [`get_or_decode`]
+    /// (Self::get_or_decode) then [`Decoded::value`], without cloning the kept [`Decoded`]
+    /// (a hit clones the value's `Arc`, nothing else).
+    #[inline]
+    pub fn value_now(
+        &self,
+        key: &str,
+        stored: &Bytes,
+        decoder: &Decoder,
+        now_ms: impl FnOnce() -> u64,
+    ) -> Result<Option<SharedValue>, CacheError> {
+        match self.0.get() {
+            Some((type_id, decoded)) if *type_id == decoder.type_id() => Ok(decoded.value(now_ms)),
+            _ => self.decode_now(key, stored, decoder, now_ms),
+        }
+    }
+
+    /// [`value_now`](Self::value_now) past the kept value (a first read, or another type).
+    #[cold]
+    #[inline(never)]
+    fn decode_now(
+        &self,
+        key: &str,
+        stored: &Bytes,
+        decoder: &Decoder,
+        now_ms: impl FnOnce() -> u64,
+    ) -> Result<Option<SharedValue>, CacheError> {
+        Ok(self.get_or_decode(key, stored, decoder)?.value(now_ms))
     }
 }
 
