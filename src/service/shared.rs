@@ -160,9 +160,9 @@ impl DecodedSlot {
         Ok(decoded)
     }
 
-    /// What a read of `stored` as `decoder`'s type sees now: [`get_or_decode`]
-    /// (Self::get_or_decode) then [`Decoded::value`], without cloning the kept [`Decoded`]
-    /// (a hit clones the value's `Arc`, nothing else).
+    /// What a read of `stored` as `decoder`'s type sees now:
+    /// [`get_or_decode`](Self::get_or_decode) then [`Decoded::value`], without cloning the
+    /// kept [`Decoded`] (a hit clones the value's `Arc`, nothing else).
     #[inline]
     pub fn value_now(
         &self,
