@@ -185,7 +185,12 @@ pub trait CacheServiceExt: CacheService {
             .check(key)
             .is_ok()
             .then(|| shared_hit::<T, _>(self, key))
-            .flatten();
+            .flatten()
+            // A value due for its eager refresh goes the long way (which runs it).
+            .filter(|_| {
+                options.eager_refresh_fraction().is_none()
+                    || !crate::load::aside::refresh_due_now(self, key)
+            });
         async move {
             if let Some(value) = hit {
                 return Ok(Loaded::from_cache(value));
@@ -193,6 +198,57 @@ pub trait CacheServiceExt: CacheService {
             let loaded = self.get_or_load_with(key, options, loader).await?;
             Ok(loaded.map(Arc::new))
         }
+    }
+
+    /// Cache-aside with an owned loader: [`get_or_load_shared_with`](Self::get_or_load_shared_with)
+    /// for a service handle that can move to a task (`Arc<dyn CacheService>`, or any backend:
+    /// they are `Clone`) and a `'static` loader, so that the work no caller needs to wait for
+    /// runs as a task of its own on the tokio runtime:
+    ///
+    /// - eager refresh ([`LoadOptions::eager_refresh`]): a hit past the refresh point
+    ///   answers at once and starts the reload in the background (the caller never runs the
+    ///   loader);
+    /// - the soft timeout ([`LoadOptions::soft_timeout`]): with a stale value at hand, a
+    ///   load still running at the soft timeout lets every caller have the stale value, and
+    ///   goes on to store its own (up to the hard timeout, [`LoadOptions::load_timeout`]).
+    ///
+    /// Everything else (single flight, leases, negative caching, fail-safe, coherence) is
+    /// that of [`get_or_load_with`](Self::get_or_load_with). A panic in the loader reaches
+    /// the caller that awaited it. Outside a tokio runtime it runs as `get_or_load_shared_with`.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use std::time::Duration;
+    /// use cachet::{CacheService, CacheServiceExt, LoadOptions, LoadSource, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache: Arc<dyn CacheService> = Arc::new(MokaCacheService::default());
+    /// let options = LoadOptions::default().ttl_secs(60).eager_refresh(0.8);
+    /// let plan = cache
+    ///     .get_or_load_detached("plan:acme", &options, || async {
+    ///         Ok::<_, std::io::Error>(Some("pro".to_string()))
+    ///     })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!((plan.value.as_deref().map(String::as_str), plan.source), (Some("pro"), LoadSource::Loader));
+    /// // Read after 48 s, it would answer "pro" at once and reload it in the background.
+    /// # }
+    /// ```
+    fn get_or_load_detached<T, E, F, Fut>(
+        &self,
+        key: &str,
+        options: &LoadOptions,
+        loader: F,
+    ) -> impl Future<Output = Result<Loaded<Arc<T>>, LoadError<E>>> + Send
+    where
+        Self: Clone + Sized + 'static,
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        E: Send + Sync + 'static,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<T>, E>> + Send + 'static,
+    {
+        let hit = shared_hit::<T, _>(self, key);
+        crate::load::aside::get_or_load_detached(self, key, options, hit, loader)
     }
 
     /// Cache-aside: the value under `key`, or else `loader`'s, which is then stored for

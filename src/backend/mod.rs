@@ -23,7 +23,9 @@ use crate::CacheError;
 #[allow(unused_imports)]
 use crate::codec::Codec;
 #[allow(unused_imports)]
-use crate::service::{CacheService, Decoder, Lease, LeaseRead, LeaseRequest, SharedValue};
+use crate::service::{
+    CacheService, Decoder, Lease, LeaseRead, LeaseRequest, SharedValue, StoredVersion,
+};
 #[allow(unused_imports)]
 use bytes::Bytes;
 

@@ -398,6 +398,28 @@ impl CacheService for MokaCacheService {
         })
     }
 
+    async fn replace_if(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        observed!(self.instruments, Op::ReplaceIf, key, async {
+            let ttl = resolve_ttl(key, ttl_secs, self.default_ttl)?;
+            let _write = self.stripes.lock(key);
+            let seen = version.as_id();
+            let current = self.current(key);
+            if current.is_none_or(|entry| entry.lease.is_some() || Some(entry.id) != seen) {
+                return Ok(None);
+            }
+            let entry = Entry::value(value, ttl);
+            let id = entry.id;
+            self.put(key, entry);
+            Ok(Some(StoredVersion::of_id(id)))
+        })
+    }
+
     fn flight_scope(&self) -> u64 {
         self.scope
     }

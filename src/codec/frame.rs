@@ -4,8 +4,17 @@
 //! marker of a cached "not found".
 //!
 //! Layout (big-endian): `0x00`, `b"cf"`, version `1`, flags (bit 0: absent; bit 1: a stale
-//! value that fail-safe keeps serving for a throttle time; the others reserved and rejected), fresh-until and stale-until in Unix milliseconds (`u64` each),
-//! then the JSON payload (empty when absent). JSON text never starts with a NUL byte, so a
+//! value that fail-safe keeps serving for a throttle time; bit 2: eager refresh, see below;
+//! the others reserved and rejected), fresh-until and stale-until in Unix milliseconds (`u64`
+//! each), with bit 2 two more: refresh-at and claimed-until (Unix ms), then the JSON payload
+//! (empty when absent).
+//!
+//! Eager refresh ([`LoadOptions::eager_refresh`](crate::LoadOptions::eager_refresh)): a
+//! value read at or after its refresh-at time is served and reloaded in the background by
+//! one caller in the whole fleet, who first rewrites the stored frame with a claimed-until
+//! time (a compare-and-set on the exact stored value,
+//! [`CacheService::replace_if`](crate::CacheService::replace_if)); others see the claim and
+//! leave the refresh to it. A claim that is not followed by a new value ends by itself. JSON text never starts with a NUL byte, so a
 //! framed value cannot be mistaken for a plain one; the typed
 //! [`get`](crate::CacheServiceExt::get) understands both, and a framed value that is past its
 //! freshness, or absent, reads as `None` there. Anything malformed is a
@@ -23,8 +32,11 @@ pub const MAGIC: &[u8; 3] = b"\0cf";
 const VERSION: u8 = 1;
 const FLAG_ABSENT: u8 = 1;
 const FLAG_STALE: u8 = 2;
-/// Bytes before the payload.
+const FLAG_REFRESH: u8 = 4;
+/// Bytes before the payload (without eager refresh).
 pub const HEADER_LEN: usize = 3 + 1 + 1 + 8 + 8;
+/// Bytes before the payload of a value with eager refresh (refresh-at, claimed-until).
+pub const REFRESH_HEADER_LEN: usize = HEADER_LEN + 8 + 8;
 
 /// A decoded frame.
 ///
@@ -49,6 +61,12 @@ pub struct Frame {
     pub fresh_until_ms: u64,
     /// Until when a stale value may still be served by fail-safe, in Unix milliseconds.
     pub stale_until_ms: u64,
+    /// Eager refresh: from when a read should reload the value in the background (Unix
+    /// ms); `None` without eager refresh.
+    pub refresh_at_ms: Option<u64>,
+    /// Eager refresh: until when the caller who claimed the refresh is reloading it (Unix
+    /// ms; 0 when nobody claimed it).
+    pub claimed_until_ms: u64,
     /// The JSON payload.
     pub payload: Bytes,
 }
@@ -68,8 +86,35 @@ impl Frame {
             stale: false,
             fresh_until_ms,
             stale_until_ms,
+            refresh_at_ms: None,
+            claimed_until_ms: 0,
             payload,
         }
+    }
+
+    /// Whether a read at `now_ms` should start the value's eager refresh: past its
+    /// refresh-at time, still fresh, and not claimed by a refresh running now.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use cachet::load::Frame;
+    ///
+    /// let mut frame = Frame::value(Bytes::from_static(b"1"), 10_000, 10_000);
+    /// assert!(!frame.refresh_due(9_000)); // no eager refresh
+    /// frame.refresh_at_ms = Some(8_000);
+    /// assert!(!frame.refresh_due(7_999));
+    /// assert!(frame.refresh_due(8_000));
+    /// frame.claimed_until_ms = 9_500;
+    /// assert!(!frame.refresh_due(9_000)); // another caller is reloading it
+    /// assert!(frame.refresh_due(9_500)); // its claim ran out
+    /// assert!(!frame.refresh_due(10_000)); // no longer fresh: a plain reload
+    /// ```
+    pub fn refresh_due(&self, now_ms: u64) -> bool {
+        !self.absent
+            && !self.stale
+            && self.is_fresh(now_ms)
+            && self.refresh_at_ms.is_some_and(|at| now_ms >= at)
+            && now_ms >= self.claimed_until_ms
     }
 
     /// A cached "not found", fresh until `fresh_until_ms`.
@@ -79,6 +124,8 @@ impl Frame {
             stale: false,
             fresh_until_ms,
             stale_until_ms: fresh_until_ms,
+            refresh_at_ms: None,
+            claimed_until_ms: 0,
             payload: Bytes::new(),
         }
     }
@@ -114,7 +161,7 @@ impl Frame {
 
     /// The stored form.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(HEADER_LEN + self.payload.len());
+        let mut out = BytesMut::with_capacity(REFRESH_HEADER_LEN + self.payload.len());
         out.put_slice(MAGIC);
         out.put_u8(VERSION);
         let mut flags = 0;
@@ -124,9 +171,18 @@ impl Frame {
         if self.stale {
             flags |= FLAG_STALE;
         }
+        // Eager refresh belongs to values only (an absent marker stays exactly HEADER_LEN).
+        let refresh = self.refresh_at_ms.filter(|_| !self.absent);
+        if refresh.is_some() {
+            flags |= FLAG_REFRESH;
+        }
         out.put_u8(flags);
         out.put_u64(self.fresh_until_ms);
         out.put_u64(self.stale_until_ms);
+        if let Some(at) = refresh {
+            out.put_u64(at);
+            out.put_u64(self.claimed_until_ms);
+        }
         out.put_slice(&self.payload);
         out.freeze()
     }
@@ -153,11 +209,18 @@ impl Frame {
             return Err(bad(IntegrityProblem::UnknownVersion(stored[3])));
         }
         let flags = stored[4];
-        if flags & !(FLAG_ABSENT | FLAG_STALE) != 0 || flags == FLAG_ABSENT | FLAG_STALE {
+        if flags & !(FLAG_ABSENT | FLAG_STALE | FLAG_REFRESH) != 0
+            || flags & (FLAG_ABSENT | FLAG_STALE) == FLAG_ABSENT | FLAG_STALE
+            || flags & (FLAG_ABSENT | FLAG_REFRESH) == FLAG_ABSENT | FLAG_REFRESH
+        {
             return Err(bad(IntegrityProblem::Malformed("flags")));
         }
         let absent = flags & FLAG_ABSENT != 0;
         let stale = flags & FLAG_STALE != 0;
+        let refresh = flags & FLAG_REFRESH != 0;
+        if refresh && stored.len() < REFRESH_HEADER_LEN {
+            return Err(bad(IntegrityProblem::Truncated));
+        }
         if absent && stored.len() != HEADER_LEN {
             return Err(bad(IntegrityProblem::Malformed(
                 "absent marker (it carries a payload)",
@@ -168,12 +231,22 @@ impl Frame {
         let fresh_until_ms = u64::from_be_bytes(word);
         word.copy_from_slice(&stored[13..21]);
         let stale_until_ms = u64::from_be_bytes(word);
+        let (refresh_at_ms, claimed_until_ms, start) = if refresh {
+            word.copy_from_slice(&stored[21..29]);
+            let at = u64::from_be_bytes(word);
+            word.copy_from_slice(&stored[29..37]);
+            (Some(at), u64::from_be_bytes(word), REFRESH_HEADER_LEN)
+        } else {
+            (None, 0, HEADER_LEN)
+        };
         Ok(Frame {
             absent,
             stale,
             fresh_until_ms,
             stale_until_ms,
-            payload: stored.slice(HEADER_LEN..),
+            refresh_at_ms,
+            claimed_until_ms,
+            payload: stored.slice(start..),
         })
     }
 }
@@ -241,6 +314,26 @@ mod tests {
         let stored = absent.encode();
         assert_eq!(stored.len(), HEADER_LEN);
         assert_eq!(Frame::decode("k", &stored).unwrap(), absent);
+    }
+
+    #[test]
+    fn round_trips_eager_refresh() {
+        let mut value = Frame::value(Bytes::from_static(b"[1]"), 5, 10);
+        value.refresh_at_ms = Some(4);
+        value.claimed_until_ms = 9;
+        let stored = value.encode();
+        assert_eq!(stored.len(), REFRESH_HEADER_LEN + 3);
+        assert_eq!(Frame::decode("k", &stored).unwrap(), value);
+        // Cut inside the refresh fields: truncated, not a shorter payload.
+        let cut = stored.slice(..HEADER_LEN + 4);
+        assert!(matches!(
+            Frame::decode("k", &cut),
+            Err(CacheError::Integrity { .. })
+        ));
+        // Refresh on an absent marker is not a thing.
+        let mut both = stored.to_vec();
+        both[4] = FLAG_ABSENT | FLAG_REFRESH;
+        assert!(Frame::decode("k", &Bytes::from(both)).is_err());
     }
 
     #[test]

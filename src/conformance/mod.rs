@@ -1,7 +1,7 @@
 //! The behaviour every [`CacheService`](crate::CacheService) shares, as one suite of checks
 //! (feature `conformance`): the contract itself (round trips, TTLs, invalidation, bad bytes,
 //! unusual keys and values), the lease rule, and cache-aside (single flight, loader errors,
-//! negative caching, fail-safe, load timeouts).
+//! negative caching, fail-safe, load timeouts, eager refresh, the soft timeout).
 //!
 //! Each check is a `pub async fn(&dyn CacheService, prefix)` that panics with a message
 //! naming what broke; [`CHECKS`] lists them all. Every key a check touches starts with `prefix`, so checks can run in
@@ -112,6 +112,13 @@ checks! {
         a_slow_loader_times_out_for_every_caller,
         corrupt_entries_are_reloaded_and_overwritten,
         invalid_options_are_errors;
+    refresh:
+        eager_refresh_reloads_before_expiry,
+        eager_refresh_runs_once_for_concurrent_hits,
+        eager_refresh_never_undoes_an_invalidation,
+        eager_refresh_never_overwrites_a_set,
+        replace_if_swaps_only_the_version_seen,
+        soft_timeout_serves_stale_to_waiters;
     shared:
         shared_round_trip,
         shared_value_follows_writes_and_invalidations,
@@ -127,6 +134,8 @@ mod leases;
 #[deny(dead_code)]
 mod load;
 pub mod model;
+#[deny(dead_code)]
+mod refresh;
 #[deny(dead_code)]
 mod shared;
 

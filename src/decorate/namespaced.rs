@@ -6,7 +6,7 @@ use std::fmt;
 use async_trait::async_trait;
 
 use crate::codec::Codec;
-use crate::load::{Lease, LeaseRead, LeaseRequest};
+use crate::load::{Lease, LeaseRead, LeaseRequest, StoredVersion};
 use bytes::Bytes;
 
 use crate::service::{Decoder, SharedValue};
@@ -247,6 +247,18 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
 
     async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
         self.inner.release_lease(&self.stored_key(key), lease).await
+    }
+
+    async fn replace_if(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        self.inner
+            .replace_if(&self.stored_key(key), version, value, ttl_secs)
+            .await
     }
 }
 

@@ -16,6 +16,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+use crate::codec::Frame;
+
 /// What a finished load tells the callers that waited for it.
 #[derive(Clone)]
 pub(crate) enum Outcome {
@@ -37,6 +39,9 @@ pub(crate) enum Outcome {
 pub(crate) struct Flight {
     outcome: watch::Sender<Option<Outcome>>,
     invalidated: AtomicBool,
+    /// The leader's fail-safe candidate, for waiters that read after the leader's lease
+    /// hid the value (the soft timeout serves it).
+    stale: Option<Frame>,
 }
 
 type Slot = Arc<Flight>;
@@ -72,19 +77,22 @@ impl Table {
 pub(crate) enum Role {
     /// Nobody is loading this key: this caller loads, and reports through the guard.
     Leader(Leader),
-    /// Another caller is loading it: wait for its outcome.
-    Waiter(watch::Receiver<Option<Outcome>>),
+    /// Another caller is loading it: wait for its outcome. With the leader's fail-safe
+    /// candidate, if it had one.
+    Waiter(watch::Receiver<Option<Outcome>>, Option<Frame>),
 }
 
-/// Joins the load of `key` in `scope`, or starts it.
-pub(crate) fn join(scope: u64, key: &str) -> Role {
+/// Joins the load of `key` in `scope`, or starts it (with `stale`, the caller's fail-safe
+/// candidate, handed to the waiters).
+pub(crate) fn join(scope: u64, key: &str, stale: Option<&Frame>) -> Role {
     let mut shard = TABLE.shard(scope, key);
     if let Some(slot) = shard.get(&(scope, Box::from(key))) {
-        return Role::Waiter(slot.outcome.subscribe());
+        return Role::Waiter(slot.outcome.subscribe(), slot.stale.clone());
     }
     let slot: Slot = Arc::new(Flight {
         outcome: watch::Sender::new(None),
         invalidated: AtomicBool::new(false),
+        stale: stale.cloned(),
     });
     shard.insert((scope, Box::from(key)), Arc::clone(&slot));
     Role::Leader(Leader {
@@ -178,35 +186,35 @@ mod tests {
     #[tokio::test]
     async fn one_leader_then_waiters_then_the_entry_is_gone() {
         let key = "flight-test:one-leader";
-        let Role::Leader(leader) = join(1, key) else {
+        let Role::Leader(leader) = join(1, key, None) else {
             panic!("the first caller must lead")
         };
-        let Role::Waiter(waiter) = join(1, key) else {
+        let Role::Waiter(waiter, _) = join(1, key, None) else {
             panic!("the second caller must wait")
         };
         // Another scope is another load.
-        let Role::Leader(other) = join(2, key) else {
+        let Role::Leader(other) = join(2, key, None) else {
             panic!("another scope must lead its own load")
         };
         drop(other);
         let waiting = tokio::spawn(wait(waiter));
         leader.finish(Outcome::TimedOut(Duration::from_secs(1)));
         assert!(matches!(waiting.await.unwrap(), Outcome::TimedOut(_)));
-        assert!(matches!(join(1, key), Role::Leader(_)));
+        assert!(matches!(join(1, key, None), Role::Leader(_)));
     }
 
     #[tokio::test]
     async fn a_dropped_leader_abandons_and_frees_the_key() {
         let key = "flight-test:dropped";
-        let Role::Leader(leader) = join(3, key) else {
+        let Role::Leader(leader) = join(3, key, None) else {
             panic!("the first caller must lead")
         };
-        let Role::Waiter(waiter) = join(3, key) else {
+        let Role::Waiter(waiter, _) = join(3, key, None) else {
             panic!("the second caller must wait")
         };
         drop(leader);
         assert!(matches!(wait(waiter).await, Outcome::Abandoned));
-        let Role::Leader(next) = join(3, key) else {
+        let Role::Leader(next) = join(3, key, None) else {
             panic!("the key must be free again")
         };
         drop(next);
@@ -216,7 +224,7 @@ mod tests {
     fn an_invalidation_marks_only_the_running_load() {
         let key = "flight-test:invalidated";
         invalidate(4, key); // nothing running: no effect, no entry
-        let Role::Leader(leader) = join(4, key) else {
+        let Role::Leader(leader) = join(4, key, None) else {
             panic!("the first caller must lead")
         };
         assert!(!leader.invalidated());
@@ -225,7 +233,7 @@ mod tests {
         invalidate(4, key);
         assert!(leader.invalidated());
         leader.finish(Outcome::Abandoned);
-        let Role::Leader(next) = join(4, key) else {
+        let Role::Leader(next) = join(4, key, None) else {
             panic!("the key must be free again")
         };
         assert!(!next.invalidated(), "a new load starts clean");

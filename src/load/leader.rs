@@ -134,7 +134,7 @@ where
                     options,
                     &mut read_error,
                 ) {
-                    Read::Hit(value, payload, was_stale) => {
+                    Read::Hit(value, payload, was_stale, _) => {
                         let source = match (was_stale, joined) {
                             (false, true) => LoadSource::Joined,
                             (was_stale, _) => cached_source(was_stale),
@@ -161,6 +161,21 @@ where
                 let now = Instant::now();
                 if now >= deadline {
                     return timed_out(key, options);
+                }
+                // Past the soft timeout with a stale value at hand: serve it, and leave the
+                // load to the instance that holds the lease.
+                if let (Some(soft), Some(frame)) = (options.soft_timeout, &stale) {
+                    if now >= started + soft {
+                        if let Some(loaded) =
+                            super::serve_stale::<T>(cache.codec(), key, frame, &mut cache_error)
+                        {
+                            let outcome = Outcome::Value {
+                                payload: Some(frame.payload.clone()),
+                                stale: true,
+                            };
+                            return (Ok(loaded), outcome);
+                        }
+                    }
                 }
                 let pause = poll
                     .min(remaining.max(Duration::from_millis(1)))
@@ -193,7 +208,7 @@ where
             options,
             &mut recheck_error,
         ) {
-            Read::Hit(value, payload, was_stale) => {
+            Read::Hit(value, payload, was_stale, _) => {
                 let source = cached_source(was_stale);
                 return hit(value, payload, source, recheck_error.or(cache_error));
             }
@@ -212,7 +227,7 @@ where
             {
                 guard.hold_lock(lock);
                 let mut under_lock_error = None;
-                if let Read::Hit(value, payload, was_stale) = classify::<T>(
+                if let Read::Hit(value, payload, was_stale, _) = classify::<T>(
                     cache.codec(),
                     key,
                     cache.get_bytes(key).await,
@@ -381,9 +396,9 @@ where
     }
 }
 
-/// The stored form of a loaded value (plain, or framed for fail-safe) and its TTL in
-/// seconds; `None` when it is not to be stored.
-fn stored_form(
+/// The stored form of a loaded value (plain, or framed for fail-safe and eager refresh)
+/// and its TTL in seconds; `None` when it is not to be stored.
+pub(super) fn stored_form(
     options: &LoadOptions,
     ttl: LoadTtl,
     payload: &Bytes,
@@ -393,13 +408,24 @@ fn stored_form(
         LoadTtl::Secs(secs) => Some(secs),
         LoadTtl::Options => options.ttl_secs,
     };
-    Some(match (options.fail_safe, ttl_secs) {
-        (Some(grace), Some(ttl)) => {
-            let fresh_until = now_ms().saturating_add(ttl.saturating_mul(1000));
-            let grace_ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+    Some(match (options.fail_safe, options.eager_refresh, ttl_secs) {
+        (grace, refresh, Some(ttl)) if grace.is_some() || refresh.is_some() => {
+            let now = now_ms();
+            let ttl_ms = ttl.saturating_mul(1000);
+            let fresh_until = now.saturating_add(ttl_ms);
+            let grace_ms = grace.map_or(0, |grace| {
+                u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)
+            });
             let stale_until = fresh_until.saturating_add(grace_ms);
-            let physical = ttl.saturating_add(secs_ceil(grace_ms));
-            let frame = Frame::value(payload.clone(), fresh_until, stale_until);
+            let physical = if grace.is_some() {
+                ttl.saturating_add(secs_ceil(grace_ms))
+            } else {
+                ttl
+            };
+            let mut frame = Frame::value(payload.clone(), fresh_until, stale_until);
+            // `check` keeps the fraction within (0, 1): the cast cannot overflow.
+            frame.refresh_at_ms =
+                refresh.map(|fraction| now.saturating_add((ttl_ms as f64 * fraction) as u64));
             (frame.encode(), Some(physical))
         }
         _ => (payload.clone(), ttl_secs),
@@ -407,6 +433,6 @@ fn stored_form(
 }
 
 /// `ms` in whole seconds, rounded up, at least one.
-fn secs_ceil(ms: u64) -> u64 {
+pub(super) fn secs_ceil(ms: u64) -> u64 {
     ms.div_ceil(1000).max(1)
 }

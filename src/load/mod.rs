@@ -35,6 +35,8 @@ mod leader;
 mod loaded;
 mod options;
 mod read;
+pub(crate) mod refresh;
+pub use self::refresh::refreshes_in_flight;
 
 use std::future::Future;
 
@@ -91,6 +93,11 @@ pub fn loads_in_flight() -> usize {
     flight::in_flight()
 }
 
+/// What [`load`] ends with: the caller's result, and the loader back when it was not called
+/// and the value's eager refresh is due (the caller runs [`refresh::run`] with it, inline
+/// or as a task of its own).
+pub(crate) type Ended<T, E, F> = (Result<Loaded<T>, LoadError<E>>, Option<F>);
+
 /// The whole of `get_or_load_with`: read, join or lead the single flight, load, store.
 /// `first_read` is a read already made (the in-memory fast path), if any.
 pub(crate) async fn load<S, T, E, F, Fut>(
@@ -99,7 +106,7 @@ pub(crate) async fn load<S, T, E, F, Fut>(
     options: &LoadOptions,
     first_read: Option<Result<Option<Bytes>, CacheError>>,
     loader: F,
-) -> Result<Loaded<T>, LoadError<E>>
+) -> Ended<T, E, F>
 where
     S: CacheService + ?Sized,
     T: Serialize + DeserializeOwned + Send,
@@ -110,11 +117,11 @@ where
     #[cfg(feature = "metrics")]
     {
         let started = std::time::Instant::now();
-        let result = load_unobserved(cache, key, options, first_read, loader).await;
-        if let Some(outcome) = load_outcome(&result) {
+        let ended = load_unobserved(cache, key, options, first_read, loader).await;
+        if let Some(outcome) = load_outcome(&ended.0) {
             crate::observe::load_finished(outcome, started.elapsed());
         }
-        result
+        ended
     }
     #[cfg(not(feature = "metrics"))]
     load_unobserved(cache, key, options, first_read, loader).await
@@ -146,6 +153,49 @@ async fn load_unobserved<S, T, E, F, Fut>(
     options: &LoadOptions,
     first_read: Option<Result<Option<Bytes>, CacheError>>,
     loader: F,
+) -> Ended<T, E, F>
+where
+    S: CacheService + ?Sized,
+    T: Serialize + DeserializeOwned + Send,
+    E: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = Result<Option<(T, LoadTtl)>, E>> + Send,
+{
+    if let Err(error) = options.check(key) {
+        return (Err(error.into()), None);
+    }
+
+    let mut cache_error = None;
+    let read = match first_read {
+        Some(read) => read,
+        None => cache.get_bytes(key).await,
+    };
+    let stale = match classify::<T>(cache.codec(), key, read, options, &mut cache_error) {
+        Read::Hit(value, _, stale, refresh) => {
+            let loaded = Loaded {
+                value,
+                source: cached_source(stale),
+                cache_error,
+                written: None,
+            };
+            return (Ok(loaded), refresh.then_some(loader));
+        }
+        Read::Miss { stale } => stale,
+    };
+    (
+        miss(cache, key, options, stale, cache_error, loader).await,
+        None,
+    )
+}
+
+/// The miss path of [`load_unobserved`]: join or lead the single flight.
+async fn miss<S, T, E, F, Fut>(
+    cache: &S,
+    key: &str,
+    options: &LoadOptions,
+    mut stale: Option<Frame>,
+    mut cache_error: Option<CacheError>,
+    loader: F,
 ) -> Result<Loaded<T>, LoadError<E>>
 where
     S: CacheService + ?Sized,
@@ -154,31 +204,30 @@ where
     F: FnOnce() -> Fut + Send,
     Fut: Future<Output = Result<Option<(T, LoadTtl)>, E>> + Send,
 {
-    options.check(key)?;
-
-    let mut cache_error = None;
-    let read = match first_read {
-        Some(read) => read,
-        None => cache.get_bytes(key).await,
-    };
-    let stale = match classify::<T>(cache.codec(), key, read, options, &mut cache_error) {
-        Read::Hit(value, _, stale) => {
-            return Ok(Loaded {
-                value,
-                source: cached_source(stale),
-                cache_error,
-                written: None,
-            });
-        }
-        Read::Miss { stale } => stale,
-    };
-
     let leader = loop {
-        let receiver = match flight::join(cache.flight_scope(), key) {
+        let receiver = match flight::join(cache.flight_scope(), key, stale.as_ref()) {
             Role::Leader(leader) => break leader,
-            Role::Waiter(receiver) => receiver,
+            Role::Waiter(receiver, leaders) => {
+                stale = stale.or(leaders);
+                receiver
+            }
         };
-        let outcome = tokio::time::timeout(options.load_timeout, flight::wait(receiver)).await;
+        let wait = flight::wait(receiver);
+        tokio::pin!(wait);
+        // The soft timeout: with a stale value at hand, wait that long only.
+        if let Some(soft) = options
+            .soft_timeout
+            .filter(|soft| *soft < options.load_timeout)
+        {
+            if let Some(frame) = &stale {
+                if tokio::time::timeout(soft, &mut wait).await.is_err() {
+                    if let Some(loaded) = serve_stale(cache.codec(), key, frame, &mut cache_error) {
+                        return Ok(loaded);
+                    }
+                }
+            }
+        }
+        let outcome = tokio::time::timeout(options.load_timeout, &mut wait).await;
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -245,4 +294,24 @@ where
         loader,
     )
     .await
+}
+
+/// A fail-safe value served at the soft timeout (the load goes on): `None` when it is past
+/// its grace period or does not decode.
+pub(super) fn serve_stale<T: DeserializeOwned>(
+    codec: &dyn codec::Codec,
+    key: &str,
+    frame: &Frame,
+    cache_error: &mut Option<CacheError>,
+) -> Option<Loaded<T>> {
+    if now_ms() >= frame.stale_until_ms {
+        return None;
+    }
+    let value = codec::decode_with::<T>(codec, key, &frame.payload).ok()?;
+    Some(Loaded {
+        value: Some(value),
+        source: LoadSource::Stale,
+        cache_error: cache_error.take(),
+        written: None,
+    })
 }

@@ -35,6 +35,8 @@ pub struct LoadOptions {
     pub(super) fail_safe_throttle: Duration,
     pub(super) load_timeout: Duration,
     pub(super) locks: Option<Arc<dyn ConcurrencyService>>,
+    pub(super) eager_refresh: Option<f64>,
+    pub(super) soft_timeout: Option<Duration>,
 }
 
 impl Default for LoadOptions {
@@ -47,6 +49,8 @@ impl Default for LoadOptions {
             fail_safe_throttle: DEFAULT_FAIL_SAFE_THROTTLE,
             load_timeout: DEFAULT_LOAD_TIMEOUT,
             locks: None,
+            eager_refresh: None,
+            soft_timeout: None,
         }
     }
 }
@@ -85,9 +89,70 @@ impl LoadOptions {
         self
     }
 
-    /// The longest a loader may run, and a waiter wait for it (default 30 s).
+    /// The longest a loader may run, and a waiter wait for it (default 30 s): the hard
+    /// timeout, which ends every wait for a load.
     pub fn load_timeout(mut self, timeout: Duration) -> Self {
         self.load_timeout = timeout;
+        self
+    }
+
+    /// Eager refresh: a hit on a value past `fraction` of its TTL (`0 < fraction < 1`,
+    /// e.g. `0.8`) is answered at once with the cached value, and starts one reload of it,
+    /// so that a hot key is reloaded before it expires and no request waits for its
+    /// loader. At most one reload per key runs at a time in the whole fleet: the first
+    /// caller claims it in the stored value itself (a compare-and-set,
+    /// [`CacheService::replace_if`](crate::CacheService::replace_if)), and its result
+    /// replaces the value only if the key was not written or invalidated meanwhile. A
+    /// claimed reload that fails or dies leaves the value in place; its claim ends after the
+    /// load timeout, and the value expires at its TTL as usual (fail-safe applies then).
+    ///
+    /// Where the reload runs: with
+    /// [`get_or_load_detached`](crate::CacheServiceExt::get_or_load_detached) (an owned
+    /// loader) it is a task of its own and the caller never waits. The other cache-aside
+    /// methods take a loader that may borrow from the caller, so the one caller that
+    /// claims the reload runs it before it returns (every other caller, on every instance,
+    /// is answered from the cache meanwhile). Needs an explicit TTL
+    /// ([`ttl_secs`](Self::ttl_secs)).
+    ///
+    /// ```
+    /// use cachet::LoadOptions;
+    ///
+    /// let options = LoadOptions::default().ttl_secs(60).eager_refresh(0.8); // reload after 48 s
+    /// assert_eq!(options.eager_refresh_fraction(), Some(0.8));
+    /// assert!(options.check("k").is_ok());
+    /// assert!(LoadOptions::default().ttl_secs(60).eager_refresh(1.0).check("k").is_err());
+    /// ```
+    pub fn eager_refresh(mut self, fraction: f64) -> Self {
+        self.eager_refresh = Some(fraction);
+        self
+    }
+
+    /// The soft timeout: with a stale value at hand (fail-safe), a loader still running
+    /// after `timeout` no longer makes callers wait: they are answered with the stale
+    /// value ([`LoadSource::Stale`](super::LoadSource::Stale)), and the load goes on up to
+    /// the hard timeout ([`load_timeout`](Self::load_timeout)), its value stored when it
+    /// ends. Without a stale value, callers wait up to the hard timeout. Default: none
+    /// (every caller waits up to the hard timeout).
+    ///
+    /// With [`get_or_load_detached`](crate::CacheServiceExt::get_or_load_detached) the
+    /// load runs as a task of its own and every caller gets the stale value at the soft
+    /// timeout; the other cache-aside methods run the loader in the caller that leads the
+    /// load (it may borrow from that caller), so that one caller waits for it, up to the
+    /// hard timeout, while the callers that joined it get the stale value.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use cachet::LoadOptions;
+    ///
+    /// let options = LoadOptions::default()
+    ///     .ttl_secs(60)
+    ///     .fail_safe(Duration::from_secs(3600))
+    ///     .soft_timeout(Duration::from_millis(100)) // stale after 100 ms
+    ///     .load_timeout(Duration::from_secs(5)); // the loader itself gets 5 s
+    /// assert_eq!(options.soft(), Some(Duration::from_millis(100)));
+    /// ```
+    pub fn soft_timeout(mut self, timeout: Duration) -> Self {
+        self.soft_timeout = Some(timeout);
         self
     }
 
@@ -150,6 +215,26 @@ impl LoadOptions {
         if let Some(ttl) = self.negative_ttl_secs {
             resolve_ttl(key, Some(ttl), Duration::ZERO)?;
         }
+        if let Some(fraction) = self.eager_refresh {
+            if !(fraction > 0.0 && fraction < 1.0) {
+                return Err(CacheError::invalid_argument(
+                    key,
+                    format!("eager_refresh takes a fraction of the TTL in (0, 1), got {fraction}"),
+                ));
+            }
+            if self.ttl_secs.is_none() {
+                return Err(CacheError::invalid_argument(
+                    key,
+                    "eager refresh needs an explicit TTL (LoadOptions::ttl_secs)",
+                ));
+            }
+        }
+        if self.soft_timeout.is_some_and(|soft| soft.is_zero()) {
+            return Err(CacheError::invalid_argument(
+                key,
+                "soft_timeout must be longer than zero",
+            ));
+        }
         Ok(())
     }
 
@@ -168,9 +253,19 @@ impl LoadOptions {
         self.fail_safe
     }
 
-    /// The load timeout.
+    /// The load timeout (the hard one).
     pub fn timeout(&self) -> Duration {
         self.load_timeout
+    }
+
+    /// The eager refresh fraction, when on.
+    pub fn eager_refresh_fraction(&self) -> Option<f64> {
+        self.eager_refresh
+    }
+
+    /// The soft timeout, when set.
+    pub fn soft(&self) -> Option<Duration> {
+        self.soft_timeout
     }
 }
 

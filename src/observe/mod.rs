@@ -127,10 +127,11 @@ pub(crate) enum Op {
     Lease,
     SetLeased,
     ReleaseLease,
+    ReplaceIf,
 }
 
 impl Op {
-    pub(crate) const ALL: [Op; 7] = [
+    pub(crate) const ALL: [Op; 8] = [
         Op::Get,
         Op::Set,
         Op::Invalidate,
@@ -138,6 +139,7 @@ impl Op {
         Op::Lease,
         Op::SetLeased,
         Op::ReleaseLease,
+        Op::ReplaceIf,
     ];
 
     pub(crate) const fn label(self) -> &'static str {
@@ -149,6 +151,7 @@ impl Op {
             Op::Lease => "lease",
             Op::SetLeased => "set_leased",
             Op::ReleaseLease => "release_lease",
+            Op::ReplaceIf => "replace_if",
         }
     }
 }
@@ -417,6 +420,8 @@ pub(crate) enum LoadOutcome {
     Negative,
     Error,
     Timeout,
+    Refreshed,
+    RefreshDropped,
 }
 
 impl LoadOutcome {
@@ -428,6 +433,8 @@ impl LoadOutcome {
             LoadOutcome::Negative => "negative",
             LoadOutcome::Error => "error",
             LoadOutcome::Timeout => "timeout",
+            LoadOutcome::Refreshed => "refreshed",
+            LoadOutcome::RefreshDropped => "refresh_dropped",
         }
     }
 }
@@ -441,6 +448,23 @@ pub(crate) fn load_finished(outcome: LoadOutcome, waited: std::time::Duration) {
         metrics::counter!(names::LOADS, "outcome" => outcome.label()).increment(1);
         metrics::histogram!(names::LOAD_DURATION, "outcome" => outcome.label())
             .record(waited.as_secs_f64());
+    }
+}
+
+/// Counts an eager refresh that reached its write-back: stored (`refreshed`), or dropped
+/// because the key changed while it ran (`refresh_dropped`). No caller waited for it, so no
+/// duration is recorded.
+#[inline(always)]
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn refresh_finished(stored: bool) {
+    #[cfg(feature = "metrics")]
+    {
+        let outcome = if stored {
+            LoadOutcome::Refreshed
+        } else {
+            LoadOutcome::RefreshDropped
+        };
+        metrics::counter!(names::LOADS, "outcome" => outcome.label()).increment(1);
     }
 }
 

@@ -60,6 +60,7 @@ impl SpanSettings {
             Op::InvalidatePrefix => span!("cachet.invalidate_prefix", "invalidate_prefix"),
             Op::Lease => span!("cachet.lease", "lease"),
             Op::SetLeased => span!("cachet.set_leased", "set_leased"),
+            Op::ReplaceIf => span!("cachet.replace_if", "replace_if"),
             Op::ReleaseLease => span!("cachet.release_lease", "release_lease"),
         };
         if RECORD_KEYS.load(Ordering::Relaxed) && !span.is_disabled() {

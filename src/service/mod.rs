@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use enum_dispatch::enum_dispatch;
 
-pub use self::lease::{Lease, LeaseRead, LeaseRequest};
+pub use self::lease::{Lease, LeaseRead, LeaseRequest, StoredVersion};
 pub use self::shared::{Decoded, DecodedSlot, Decoder, SharedValue};
 use crate::CacheError;
 use crate::codec::{Codec, Json};
@@ -187,6 +187,47 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
         let _ = (key, lease);
         Ok(())
+    }
+
+    /// Stores `value` under `key` only if the key still holds exactly the value `version`
+    /// names (a version from [`LeaseRead::Value`], or from an earlier `replace_if`), and
+    /// returns the new value's version; `None` when the key changed since (written,
+    /// invalidated, expired, evicted or leased) and nothing was stored. One atomic step
+    /// where the truth lives (a Lua script on the key's one slot in Redis).
+    ///
+    /// Eager refresh ([`LoadOptions::eager_refresh`](crate::LoadOptions::eager_refresh))
+    /// claims a refresh and writes its result this way, so that a refresh can never
+    /// overwrite a `set` or resurrect an invalidated key. The default answers `None`
+    /// (a service without it): eager refresh then never claims, and values reload when they
+    /// expire. Wrappers must forward it.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use cachet::{CacheService, MokaCacheService};
+    /// use cachet::load::{LeaseRead, LeaseRequest};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::default();
+    /// cache.set_bytes("k", Bytes::from_static(b"1"), None).await?;
+    /// let LeaseRead::Value { version, .. } = cache.lease("k", &LeaseRequest::new()).await? else {
+    ///     panic!("the key holds a value")
+    /// };
+    /// let next = cache.replace_if("k", &version, Bytes::from_static(b"2"), None).await?;
+    /// assert!(next.is_some());
+    /// // The version seen first is gone: a second replace of it stores nothing.
+    /// assert!(cache.replace_if("k", &version, Bytes::from_static(b"3"), None).await?.is_none());
+    /// assert_eq!(cache.get_bytes("k").await?, Some(Bytes::from_static(b"2")));
+    /// # Ok(()) }
+    /// ```
+    async fn replace_if(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        let _ = (key, version, value, ttl_secs);
+        Ok(None)
     }
 
     /// How the typed helpers ([`CacheServiceExt`](crate::CacheServiceExt)) encode values
@@ -405,6 +446,22 @@ macro_rules! forward_cache_service {
                 Self: 'f,
             {
                 (**self).release_lease(key, lease)
+            }
+
+            fn replace_if<'s, 'k, 'v, 'f>(
+                &'s self,
+                key: &'k str,
+                version: &'v StoredVersion,
+                value: Bytes,
+                ttl_secs: Option<u64>,
+            ) -> BoxFuture<'f, Result<Option<StoredVersion>, CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                'v: 'f,
+                Self: 'f,
+            {
+                (**self).replace_if(key, version, value, ttl_secs)
             }
 
         }

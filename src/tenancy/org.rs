@@ -179,7 +179,8 @@ pub type OrgError<E> = LoadError<E>;
 /// ```
 pub struct OrgResolver<S> {
     cache: Arc<dyn CacheService>,
-    store: S,
+    /// Shared with the loads, which run as tasks of their own (see `resolve`).
+    store: Arc<S>,
     options: LoadOptions,
 }
 
@@ -303,13 +304,13 @@ pub fn validate_id(id: &str) -> Result<(), CacheError> {
     check_ident("id", id, MAX_ID_LEN)
 }
 
-impl<S: OrgStore> OrgResolver<S> {
+impl<S: OrgStore + 'static> OrgResolver<S> {
     /// A resolver over `cache` and the app's `store`: contexts fresh for 300 s, unknown
     /// orgs cached for 30 s, no fail-safe, store calls bounded to 10 s.
     pub fn new(cache: Arc<dyn CacheService>, store: S) -> Self {
         OrgResolver {
             cache,
-            store,
+            store: Arc::new(store),
             options: LoadOptions::default()
                 .ttl_secs(DEFAULT_ORG_TTL_SECS)
                 .negative_ttl_secs(DEFAULT_ORG_NEGATIVE_TTL_SECS)
@@ -333,6 +334,38 @@ impl<S: OrgStore> OrgResolver<S> {
     /// Serve the last known context for up to `grace` past its TTL when the store fails.
     pub fn fail_safe(self, grace: Duration) -> Self {
         self.with_options(|o| o.fail_safe(grace))
+    }
+
+    /// Reload a context in the background once it is past `fraction` (in `(0, 1)`) of its
+    /// TTL, so that no request waits for the store when a hot org's entry ends
+    /// ([`LoadOptions::eager_refresh`]): one reload per key in the fleet, the cached context
+    /// served meanwhile, its result dropped if the org was invalidated while it ran.
+    ///
+    /// ```
+    /// # use cachet::{MokaCacheService, OrgResolver, OrgStore, OrgIdentity};
+    /// # use std::sync::Arc;
+    /// # #[derive(serde::Serialize, serde::Deserialize)] struct Ctx { id: String, slug: String }
+    /// # impl OrgIdentity for Ctx { fn org_id(&self) -> String { self.id.clone() } fn org_slug(&self) -> &str { &self.slug } }
+    /// # struct Db;
+    /// # impl OrgStore for Db {
+    /// #     type Context = Ctx; type Error = std::io::Error;
+    /// #     async fn load_by_slug(&self, _: &str) -> Result<Option<Ctx>, std::io::Error> { Ok(None) }
+    /// #     async fn load_by_id(&self, _: &str) -> Result<Option<Ctx>, std::io::Error> { Ok(None) }
+    /// # }
+    /// let orgs = OrgResolver::new(Arc::new(MokaCacheService::default()), Db)
+    ///     .ttl_secs(300)
+    ///     .eager_refresh(0.8); // reloaded in the background after 240 s
+    /// assert_eq!(orgs.options().eager_refresh_fraction(), Some(0.8));
+    /// ```
+    pub fn eager_refresh(self, fraction: f64) -> Self {
+        self.with_options(|o| o.eager_refresh(fraction))
+    }
+
+    /// A store call slower than `timeout` no longer holds requests up when fail-safe has
+    /// a last known context: they get it, and the call goes on in the background up to the
+    /// load timeout ([`LoadOptions::soft_timeout`]).
+    pub fn soft_timeout(self, timeout: Duration) -> Self {
+        self.with_options(|o| o.soft_timeout(timeout))
     }
 
     /// The longest one store call may take.
@@ -399,10 +432,9 @@ impl<S: OrgStore> OrgResolver<S> {
         let slug = canonical_slug(slug)?;
         let other_key =
             |context: &S::Context| canonical_id(&context.org_id()).ok().map(|id| id_key(&id));
-        self.resolve(slug_key(&slug), other_key, || {
-            self.store.load_by_slug(&slug)
-        })
-        .await
+        let (store, owned) = (Arc::clone(&self.store), slug.clone());
+        let load = move || async move { store.load_by_slug(&owned).await };
+        self.resolve(slug_key(&slug), other_key, load).await
     }
 
     /// The org with this id: `Ok(None)` when the store has no such org.
@@ -416,8 +448,9 @@ impl<S: OrgStore> OrgResolver<S> {
                 .ok()
                 .map(|s| slug_key(&s))
         };
-        self.resolve(id_key(&id), other_key, || self.store.load_by_id(&id))
-            .await
+        let (store, owned) = (Arc::clone(&self.store), id.clone());
+        let load = move || async move { store.load_by_id(&owned).await };
+        self.resolve(id_key(&id), other_key, load).await
     }
 
     /// Loads `key` through the cache; a fresh load also fills the context's other key with
@@ -429,12 +462,14 @@ impl<S: OrgStore> OrgResolver<S> {
         load: F,
     ) -> Result<Option<Resolved<S::Context>>, OrgError<S::Error>>
     where
-        F: FnOnce() -> Fut + Send,
-        Fut: Future<Output = Result<Option<S::Context>, S::Error>> + Send,
+        F: FnOnce() -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<S::Context>, S::Error>> + Send + 'static,
     {
+        // Detached: an eager refresh, and a load past the soft timeout, run as tasks of
+        // their own, so no request waits for them.
         let loaded = self
             .cache
-            .get_or_load_shared_with(&key, &self.options, load)
+            .get_or_load_detached(&key, &self.options, load)
             .await?;
         if let (Some(context), Some((stored, ttl))) = (&loaded.value, &loaded.written) {
             if let Some(other) = other_key(context) {

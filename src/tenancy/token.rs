@@ -132,6 +132,7 @@ pub struct TokenCache<C> {
     max_ttl_secs: u64,
     skew: Duration,
     load_timeout: Duration,
+    eager_refresh: Option<f64>,
     claims: PhantomData<fn() -> C>,
 }
 
@@ -161,6 +162,7 @@ impl<C> Clone for TokenCache<C> {
             max_ttl_secs: self.max_ttl_secs,
             skew: self.skew,
             load_timeout: self.load_timeout,
+            eager_refresh: self.eager_refresh,
             claims: PhantomData,
         }
     }
@@ -176,6 +178,7 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
             max_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             skew: DEFAULT_TOKEN_SKEW,
             load_timeout: crate::load::DEFAULT_LOAD_TIMEOUT,
+            eager_refresh: None,
             claims: PhantomData,
         }
     }
@@ -230,6 +233,26 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
     /// The longest one validation may take (default 30 s).
     pub fn load_timeout(mut self, timeout: Duration) -> Self {
         self.load_timeout = timeout;
+        self
+    }
+
+    /// Eager refresh of cached tokens ([`LoadOptions::eager_refresh`]): a lookup of a token
+    /// whose entry is past `fraction` (in `(0, 1)`) of its TTL revalidates it, once in the
+    /// fleet, while every other lookup is answered from the cache. The validation future
+    /// is the caller's (it may borrow), so the one caller that claims the refresh runs it
+    /// before it returns. A refreshed entry's TTL is bounded by the token's expiry, as
+    /// every entry's is, so a refresh never keeps a token past it.
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use cachet::{MokaCacheService, TokenCache};
+    ///
+    /// let tokens: TokenCache<String> =
+    ///     TokenCache::new(Arc::new(MokaCacheService::default())).eager_refresh(0.8);
+    /// # let _ = tokens;
+    /// ```
+    pub fn eager_refresh(mut self, fraction: f64) -> Self {
+        self.eager_refresh = Some(fraction);
         self
     }
 
@@ -288,12 +311,15 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
         E: Send + Sync + 'static,
         Fut: Future<Output = Result<Option<ValidToken<C>>, E>> + Send,
     {
-        let options = LoadOptions::default()
+        let mut options = LoadOptions::default()
             .ttl_secs(self.max_ttl_secs)
             .load_timeout(self.load_timeout);
+        if let Some(fraction) = self.eager_refresh {
+            options = options.eager_refresh(fraction);
+        }
         let key = self.key_for(token);
         let first_read = self.cache.get_bytes_now(&key);
-        let loaded = crate::load::load(&*self.cache, &key, &options, first_read, || async {
+        let validate = || async {
             let verdict = validate.await?;
             Ok(verdict.map(|valid| {
                 let ttl = match self.ttl_for(valid.expires_at) {
@@ -302,9 +328,13 @@ impl<C: Serialize + DeserializeOwned + Send> TokenCache<C> {
                 };
                 (valid.claims, ttl)
             }))
-        })
-        .await?;
-        Ok(loaded.value)
+        };
+        let (result, refresh) =
+            crate::load::load(&*self.cache, &key, &options, first_read, validate).await;
+        if let Some(validate) = refresh {
+            crate::load::aside::refresh_inline(&*self.cache, &key, &options, validate).await;
+        }
+        Ok(result?.value)
     }
 
     /// Removes `token`'s entry (a logout, a revoked key).

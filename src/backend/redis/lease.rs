@@ -62,6 +62,17 @@ if redis.call('TYPE', KEYS[1])['ok'] == 'hash'
 end
 return 0";
 
+/// `KEYS`: the entry; `ARGV`: SHA-1 (hex) of the value the caller saw, the new value, TTL in
+/// ms. Stores the new value only if the key still holds a string with exactly that SHA-1;
+/// returns 1 if it did, else 0.
+pub const REPLACE_IF_SCRIPT: &str = r"
+if redis.call('TYPE', KEYS[1])['ok'] == 'string'
+  and redis.sha1hex(redis.call('GET', KEYS[1])) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0";
+
 /// `KEYS`: the entry; `ARGV`: token. Deletes the caller's lease if it is still in the key.
 pub const RELEASE_LEASE_SCRIPT: &str = r"
 if redis.call('TYPE', KEYS[1])['ok'] == 'hash'
@@ -173,6 +184,32 @@ impl RedisCacheService {
             .await
             .map_err(|e| self.backend_error("set_leased", key, e))?;
         Ok(stored == 1)
+    }
+
+    pub(super) async fn replace_if_now(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        static SCRIPT: OnceLock<Script> = OnceLock::new();
+        let ttl = resolve_ttl(key, ttl_secs, self.default_ttl())?;
+        // A version this backend did not make (a write id) names no Redis value.
+        let Some(seen) = version.as_bytes() else {
+            return Ok(None);
+        };
+        let full = self.full_key(key).into_owned();
+        let args = vec![
+            Value::from(hex::encode(Sha1::digest(seen))),
+            Value::Bytes(value.clone()),
+            Value::from(millis(ttl)),
+        ];
+        let stored: i64 = script(&SCRIPT, REPLACE_IF_SCRIPT)
+            .evalsha_with_reload(self.client(), vec![full], args)
+            .await
+            .map_err(|e| self.backend_error("replace_if", key, e))?;
+        Ok((stored == 1).then(|| StoredVersion::of_bytes(value)))
     }
 
     pub(super) async fn release_lease_now(

@@ -31,7 +31,7 @@ pub use self::scan::{DEFAULT_SCAN_COUNT, escape_glob};
 use crate::codec::Codec;
 #[cfg(feature = "future-slots")]
 use crate::future_slot::boxed as box_future;
-use crate::load::{Lease, LeaseRead, LeaseRequest};
+use crate::load::{Lease, LeaseRead, LeaseRequest, StoredVersion};
 use crate::observe::{Backend, Instruments, Op, observed};
 use crate::service::{BoxFuture, resolve_ttl};
 use crate::{BoxError, CacheError, CacheService};
@@ -372,6 +372,21 @@ impl CacheService for RedisCacheService {
             Op::ReleaseLease,
             key,
             self.release_lease_now(key, lease)
+        )
+    }
+
+    async fn replace_if(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        observed!(
+            self.inner.instruments,
+            Op::ReplaceIf,
+            key,
+            self.replace_if_now(key, version, value, ttl_secs)
         )
     }
 

@@ -29,7 +29,7 @@ use self::sealed::{SealedL2, SealedLease};
 use self::shared::Shared;
 pub use self::tracking::CHECK_EVERY as TRACKING_CHECK_EVERY;
 use crate::codec::Codec;
-use crate::load::{Lease, LeaseRead, LeaseRequest};
+use crate::load::{Lease, LeaseRead, LeaseRequest, StoredVersion};
 use crate::observe::{CacheStats, Op, ResetReason, observed};
 use crate::service::{Decoder, SharedValue, resolve_ttl};
 use crate::{CacheError, CacheService, RedisCacheServiceBuilder};
@@ -446,6 +446,36 @@ impl CacheService for TieredCacheService {
                 shared.own_write(key, envelope.payload, ttl, &ticket);
             }
             Ok(stored)
+        })
+    }
+
+    async fn replace_if(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        observed!(self.inner.shared.instruments, Op::ReplaceIf, key, async {
+            let ttl = resolve_ttl(key, ttl_secs, self.inner.l2.redis().default_ttl())?;
+            let envelope = Envelope::new(value, ttl);
+            let shared = &self.inner.shared;
+            let ticket = shared.coherence.ticket(key);
+            let replaced = self
+                .inner
+                .l2
+                .replace_if(key, version, &envelope, ttl_secs)
+                .await?;
+            if replaced.is_none() {
+                // The key changed under us: whatever this L1 holds for it may be older.
+                shared.coherence.touch(key);
+                shared.l1.forget(key);
+                return Ok(None);
+            }
+            // As a `set`: other instances may hold the value it replaced.
+            shared.own_write(key, envelope.payload, ttl, &ticket);
+            self.publish(Operation::Key(key.to_owned()), key).await?;
+            Ok(replaced)
         })
     }
 

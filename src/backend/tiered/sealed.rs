@@ -126,6 +126,18 @@ impl SealedL2 {
         self.redis.set_leased(key, lease, stored, ttl_secs).await
     }
 
+    /// Stores `envelope` under `key` if the key still holds the value `version` names.
+    pub(super) async fn replace_if(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        envelope: &Envelope,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        let stored = self.seal(key, envelope)?;
+        self.redis.replace_if(key, version, stored, ttl_secs).await
+    }
+
     /// A lease request on `key`, a value found opened.
     pub(super) async fn lease(
         &self,

@@ -111,7 +111,7 @@ use bytes::Bytes;
 use zeroize::Zeroize;
 
 use crate::codec::Codec;
-use crate::load::{Lease, LeaseRead, LeaseRequest};
+use crate::load::{Lease, LeaseRead, LeaseRequest, StoredVersion};
 use crate::service::{DEFAULT_TTL_SECS, Decoder, SharedValue, check_default_ttl, resolve_ttl};
 use crate::{CacheError, CacheService, IntegrityProblem};
 
@@ -411,6 +411,19 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
 
     async fn release_lease(&self, key: &str, lease: &Lease) -> Result<(), CacheError> {
         self.inner.release_lease(key, lease).await
+    }
+
+    /// Seals `value` and replaces the inner service's value `version` names (versions are
+    /// the inner service's: of the ciphertext).
+    async fn replace_if(
+        &self,
+        key: &str,
+        version: &StoredVersion,
+        value: Bytes,
+        ttl_secs: Option<u64>,
+    ) -> Result<Option<StoredVersion>, CacheError> {
+        let sealed = self.seal(key, value, ttl_secs)?;
+        self.inner.replace_if(key, version, sealed, ttl_secs).await
     }
 }
 
