@@ -1011,9 +1011,15 @@ impl World {
         delay: Duration,
         shared: bool,
     ) {
-        let options = LoadOptions::default()
-            .ttl_secs(TTL)
-            .load_timeout(Duration::from_secs(5));
+        // Odd keys live 2 s and are refreshed eagerly from 0.5 s on (by the reader that
+        // claims the refresh, with the same slow loads): a refresh must never store a value
+        // older than a write that completed, which the history checks like any read.
+        let options = if key % 2 == 1 {
+            LoadOptions::default().ttl_secs(2).eager_refresh(0.25)
+        } else {
+            LoadOptions::default().ttl_secs(TTL)
+        }
+        .load_timeout(Duration::from_secs(5));
         let load = || async move {
             let version = self.version(key);
             if !delay.is_zero() {
