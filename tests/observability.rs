@@ -388,6 +388,43 @@ async fn fail_safe_loads_are_counted_as_stale() {
 }
 
 #[tokio::test]
+async fn eager_refreshes_are_counted_as_refreshed_or_dropped() {
+    let _turn = turn().await;
+    let cache = MokaCacheService::default();
+    let k = key("refresh");
+    let options = LoadOptions::default().ttl_secs(4).eager_refresh(0.25);
+    for key in [k.clone(), format!("{k}:dropped")] {
+        cache
+            .get_or_load_with::<u32, Missing, _, _>(&key, &options, || async { Ok(Some(1)) })
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1_200)).await; // past the refresh point
+    Changes::now();
+    // A refresh that stores its value.
+    let served = cache
+        .get_or_load_with::<u32, Missing, _, _>(&k, &options, || async { Ok(Some(2)) })
+        .await
+        .unwrap();
+    assert_eq!(served.value, Some(1));
+    // A refresh overtaken by an invalidation while its loader ran.
+    let dropped_key = format!("{k}:dropped");
+    let served = cache
+        .get_or_load_with::<u32, Missing, _, _>(&dropped_key, &options, || async {
+            cache.invalidate(&dropped_key).await.unwrap();
+            Ok(Some(2))
+        })
+        .await
+        .unwrap();
+    assert_eq!(served.value, Some(1));
+    let changes = Changes::now();
+    let loads = |outcome| changes.counter(names::LOADS, &[("outcome", outcome)]);
+    assert_eq!((loads("refreshed"), loads("refresh_dropped")), (1, 1));
+    assert_eq!(cache.get::<u32>(&k).await.unwrap(), Some(2));
+    assert_eq!(cache.get::<u32>(&dropped_key).await.unwrap(), None);
+}
+
+#[tokio::test]
 async fn locks_count_acquisitions_waits_and_losses() {
     let _turn = turn().await;
     let local = LocalConcurrencyService::default();

@@ -15,7 +15,7 @@
 //! | --- | --- | --- | --- |
 //! | `cachet_hits_total` | counter | `layer` = `memory`, `l1`, `redis` | reads that found a value (a cached "not found" counts) |
 //! | `cachet_misses_total` | counter | `layer` | reads that found nothing |
-//! | `cachet_loads_total` | counter | `outcome` = `loaded`, `joined`, `stale`, `negative`, `error`, `timeout` | cache-aside loads (a miss that ran, joined or gave up on a loader) |
+//! | `cachet_loads_total` | counter | `outcome` = `loaded`, `joined`, `stale`, `negative`, `error`, `timeout`, `refreshed`, `refresh_dropped` | cache-aside loads (a miss that ran, joined or gave up on a loader; an eager refresh stored or dropped) |
 //! | `cachet_load_duration_seconds` | histogram | `outcome` | how long such a load made its caller wait |
 //! | `cachet_invalidations_sent_total` | counter | `source` = `bus` | invalidation messages a tiered instance published |
 //! | `cachet_invalidations_received_total` | counter | `source` = `bus`, `tracking` | invalidations a tiered instance applied (other instances' messages, the server's tracking pushes) |
