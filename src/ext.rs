@@ -342,6 +342,137 @@ pub trait CacheServiceExt: CacheService {
         crate::load::aside::get_or_load_with(self, key, options, loader)
     }
 
+    /// Reads every one of `keys` and decodes each as a `T`, in the order given (`None` where
+    /// missing or expired). One round trip for the batch on a Redis server (one `MGET` per
+    /// hash slot on a cluster, sent together); a tiered instance answers from its L1 what it
+    /// holds and reads the rest from Redis at once.
+    ///
+    /// Stored bytes that do not decode as a `T` are a [`CacheError::Serialization`] for the
+    /// whole call, as for [`get`](Self::get).
+    ///
+    /// ```
+    /// use cachet::{CacheServiceExt, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::default();
+    /// cache.set("org:a", &1u32, None).await?;
+    /// cache.set("org:c", &3u32, None).await?;
+    /// let found = cache.get_many::<u32>(&["org:a", "org:b", "org:c"]).await?;
+    /// assert_eq!(found, vec![Some(1), None, Some(3)]);
+    /// # Ok(()) }
+    /// ```
+    fn get_many<T: DeserializeOwned>(
+        &self,
+        keys: &[&str],
+    ) -> impl Future<Output = Result<Vec<Option<T>>, CacheError>> + Send {
+        async move {
+            let stored = self.get_many_bytes(keys).await?;
+            keys.iter()
+                .zip(stored)
+                .map(|(key, stored)| match stored {
+                    Some(bytes) => codec::frame::decode_stored_with(self.codec(), key, &bytes),
+                    None => Ok(None),
+                })
+                .collect()
+        }
+    }
+
+    /// Batch cache-aside: the values of `keys`, in the order given, loading those that are
+    /// not cached with **one** call of `loader`, which gets exactly the keys that missed and
+    /// returns the values it found (a key it leaves out is not found: `None` in the result).
+    /// Loaded values are stored for `ttl_secs` (`None`: the backend's default).
+    ///
+    /// One read for the batch ([`get_many`](Self::get_many)); then every missed key keeps
+    /// the guarantees of [`get_or_load`](Self::get_or_load): single flight per key (a key
+    /// that another caller, or through its lease another instance, is loading is awaited,
+    /// not asked for again), the lease, and a write-back that an invalidation overtook is
+    /// dropped. The loader is called once every missed key has either asked for its value or
+    /// been found meanwhile; it is not called when none is left. Should a key that waited
+    /// for another load find that load cancelled after the loader was called, that key is a
+    /// [`LoadError::Cache`] (the loader is never called twice). A loader error fails the
+    /// call. With options (negative caching of the keys left out, fail-safe, timeouts), see
+    /// [`get_or_load_many_with`](Self::get_or_load_many_with).
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use cachet::{CacheServiceExt, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = MokaCacheService::default();
+    /// cache.set("org:a", &"Acme".to_string(), None).await.unwrap();
+    /// let orgs = cache
+    ///     .get_or_load_many::<String, std::io::Error, _, _>(&["org:a", "org:b", "org:zz"], Some(60), |missed| async move {
+    ///         assert_eq!(missed, ["org:b", "org:zz"]); // only what the cache did not hold
+    ///         Ok(HashMap::from([("org:b".to_string(), "Bolt".to_string())]))
+    ///     })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(orgs, [Some("Acme".into()), Some("Bolt".into()), None]);
+    /// assert_eq!(cache.get::<String>("org:b").await.unwrap().as_deref(), Some("Bolt"));
+    /// # }
+    /// ```
+    fn get_or_load_many<T, E, F, Fut>(
+        &self,
+        keys: &[&str],
+        ttl_secs: Option<u64>,
+        loader: F,
+    ) -> impl Future<Output = Result<Vec<Option<T>>, LoadError<E>>> + Send
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Send + Sync + 'static,
+        F: FnOnce(Vec<String>) -> Fut + Send,
+        Fut: Future<Output = Result<std::collections::HashMap<String, T>, E>> + Send,
+    {
+        async move {
+            let mut options = LoadOptions::default();
+            if let Some(ttl) = ttl_secs {
+                options = options.ttl_secs(ttl);
+            }
+            crate::load::batch::load_many(self, keys, &options, loader).await
+        }
+    }
+
+    /// [`get_or_load_many`](Self::get_or_load_many) with [`LoadOptions`]: with negative
+    /// caching on, a key the loader leaves out is cached as "not found" for the negative TTL
+    /// (and read as `None` without asking again); fail-safe, the soft timeout and the load
+    /// timeout apply per key as for [`get_or_load_with`](Self::get_or_load_with). Batches do
+    /// not start eager refreshes (single reads of the keys do).
+    ///
+    /// ```
+    /// use std::collections::HashMap;
+    /// use cachet::{CacheServiceExt, LoadOptions, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let cache = MokaCacheService::default();
+    /// let options = LoadOptions::default().ttl_secs(60).negative_ttl_secs(10);
+    /// let none = |_: Vec<String>| async { Ok::<HashMap<String, u32>, std::io::Error>(HashMap::new()) };
+    /// let first = cache.get_or_load_many_with(&["org:nope"], &options, none).await.unwrap();
+    /// assert_eq!(first, [None]);
+    /// // The "not found" is cached: the loader is not asked again.
+    /// let again = cache
+    ///     .get_or_load_many_with::<u32, std::io::Error, _, _>(&["org:nope"], &options, |_| async {
+    ///         panic!("not called")
+    ///     })
+    ///     .await
+    ///     .unwrap();
+    /// assert_eq!(again, [None]);
+    /// # }
+    /// ```
+    fn get_or_load_many_with<T, E, F, Fut>(
+        &self,
+        keys: &[&str],
+        options: &LoadOptions,
+        loader: F,
+    ) -> impl Future<Output = Result<Vec<Option<T>>, LoadError<E>>> + Send
+    where
+        T: Serialize + DeserializeOwned + Send,
+        E: Send + Sync + 'static,
+        F: FnOnce(Vec<String>) -> Fut + Send,
+        Fut: Future<Output = Result<std::collections::HashMap<String, T>, E>> + Send,
+    {
+        crate::load::batch::load_many(self, keys, options, loader)
+    }
+
     /// Encodes `value` and stores it under `key` (see [`CacheService::set_bytes`] for
     /// `ttl_secs`).
     fn set<T: Serialize + ?Sized>(

@@ -349,6 +349,10 @@ impl CacheService for MokaCacheService {
         Some(self.get_now(key))
     }
 
+    async fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        keys.iter().map(|key| self.get_now(key)).collect()
+    }
+
     fn get_shared_now(
         &self,
         key: &str,

@@ -65,6 +65,12 @@ macro_rules! checks {
 }
 
 checks! {
+    batch:
+        get_many_answers_every_key_in_order,
+        load_many_asks_for_exactly_the_missed_keys,
+        load_many_caches_not_found_and_never_errors,
+        load_many_awaits_a_key_another_caller_loads,
+        crossed_batches_load_each_key_once;
     basic:
         typed_round_trip,
         typed_primitives_round_trip,
@@ -129,6 +135,8 @@ checks! {
 
 #[deny(dead_code)]
 mod basic;
+#[deny(dead_code)]
+mod batch;
 #[deny(dead_code)]
 mod leases;
 #[deny(dead_code)]

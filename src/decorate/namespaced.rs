@@ -185,6 +185,12 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
         self.inner.get_bytes_now(&self.stored_key(key))
     }
 
+    async fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let stored: Vec<String> = keys.iter().map(|key| self.stored_key(key)).collect();
+        let stored: Vec<&str> = stored.iter().map(String::as_str).collect();
+        self.inner.get_many_bytes(&stored).await
+    }
+
     fn get_shared_now(
         &self,
         key: &str,
@@ -208,14 +214,14 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
         self.inner.invalidate(&self.stored_key(key)).await
     }
 
-    /// The inner store's scope mixed with the namespace: every clone of this namespace over
-    /// one store shares loads (its keys are the same stored keys), another namespace never
-    /// does (its `k` is another stored key). The top bit is set, as for the backends' own
-    /// scopes, so it is never an address.
     fn codec(&self) -> &dyn Codec {
         self.inner.codec()
     }
 
+    /// The inner store's scope mixed with the namespace: every clone of this namespace over
+    /// one store shares loads (its keys are the same stored keys), another namespace never
+    /// does (its `k` is another stored key). The top bit is set, as for the backends' own
+    /// scopes, so it is never an address.
     fn flight_scope(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         // `DefaultHasher::new()` has fixed keys: the same scope for the same input.

@@ -42,6 +42,7 @@ pub(super) async fn lead<S, T, E, F, Fut>(
     options: &LoadOptions,
     lead: Lead,
     loader: F,
+    hook: super::WaitHook<'_>,
 ) -> Result<Loaded<T>, LoadError<E>>
 where
     S: CacheService + ?Sized,
@@ -56,7 +57,16 @@ where
         cache_error,
     } = lead;
     let mut guard = LeaderGuard::new(leader);
-    let (result, outcome) = run(cache, key, options, &mut guard, stale, cache_error, loader).await;
+    let (result, outcome) = run(
+        cache,
+        key,
+        options,
+        &mut guard,
+        (stale, cache_error),
+        loader,
+        hook,
+    )
+    .await;
     guard.finish(cache, key, outcome).await;
     result
 }
@@ -97,9 +107,9 @@ async fn run<S, T, E, F, Fut>(
     key: &str,
     options: &LoadOptions,
     guard: &mut LeaderGuard,
-    mut stale: Option<Frame>,
-    mut cache_error: Option<CacheError>,
+    (mut stale, mut cache_error): (Option<Frame>, Option<CacheError>),
     loader: F,
+    hook: super::WaitHook<'_>,
 ) -> Ended<T, E>
 where
     S: CacheService + ?Sized,
@@ -117,6 +127,8 @@ where
     let mut replace: Option<StoredVersion> = None;
     let mut joined = false;
     let mut poll = Duration::from_millis(2);
+    // Whether `hook` was told this load waits for another instance's.
+    let mut waiting = false;
     let write_back = loop {
         let request = LeaseRequest {
             token: token.clone(),
@@ -124,7 +136,13 @@ where
             replace: replace.take(),
             renew: false,
         };
-        match cache.lease(key, &request).await {
+        let read = cache.lease(key, &request).await;
+        let held = matches!(read, Ok(LeaseRead::Held { .. }));
+        if let Some(hook) = hook.filter(|_| held != waiting) {
+            waiting = held;
+            hook(held);
+        }
+        match read {
             Ok(LeaseRead::Value { value, version }) => {
                 let mut read_error = None;
                 match classify::<T>(
@@ -221,10 +239,16 @@ where
             let lock_options = LockOptions::default()
                 .wait_timeout(options.load_timeout)
                 .lease(options.load_timeout.max(Duration::from_secs(1)));
-            if let Ok(lock) = locks
+            if let Some(hook) = hook {
+                hook(true);
+            }
+            let acquired = locks
                 .acquire(&format!("cachet:load:{key}"), &lock_options)
-                .await
-            {
+                .await;
+            if let Some(hook) = hook {
+                hook(false);
+            }
+            if let Ok(lock) = acquired {
                 guard.hold_lock(lock);
                 let mut under_lock_error = None;
                 if let Read::Hit(value, payload, was_stale, _) = classify::<T>(

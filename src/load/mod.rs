@@ -28,6 +28,7 @@
 // `aside`: the entry points of `CacheServiceExt`; `read`: what a read means; `flight`: the
 // in-process single flight; `leader` and its `guard`: the one caller that loads.
 pub(crate) mod aside;
+pub(crate) mod batch;
 mod error;
 mod flight;
 mod guard;
@@ -183,10 +184,15 @@ where
         Read::Miss { stale } => stale,
     };
     (
-        miss(cache, key, options, stale, cache_error, loader).await,
+        miss(cache, key, options, stale, cache_error, loader, None).await,
         None,
     )
 }
+
+/// Told `true` when a load starts waiting for another one (another caller's in this
+/// process, or another instance's lease) and `false` when it stops: a batch
+/// ([`batch`]) must not wait for keys that wait for someone else before calling its loader.
+type WaitHook<'a> = Option<&'a (dyn Fn(bool) + Send + Sync)>;
 
 /// The miss path of [`load_unobserved`]: join or lead the single flight.
 async fn miss<S, T, E, F, Fut>(
@@ -196,6 +202,7 @@ async fn miss<S, T, E, F, Fut>(
     mut stale: Option<Frame>,
     mut cache_error: Option<CacheError>,
     loader: F,
+    hook: WaitHook<'_>,
 ) -> Result<Loaded<T>, LoadError<E>>
 where
     S: CacheService + ?Sized,
@@ -212,6 +219,9 @@ where
                 receiver
             }
         };
+        if let Some(hook) = hook {
+            hook(true);
+        }
         let wait = flight::wait(receiver);
         tokio::pin!(wait);
         // The soft timeout: with a stale value at hand, wait that long only.
@@ -263,7 +273,12 @@ where
                     });
                 }
                 // A concurrent load of the same key with another error type: load anew.
-                Err(_) => continue,
+                Err(_) => {
+                    if let Some(hook) = hook {
+                        hook(false);
+                    }
+                    continue;
+                }
             },
             Outcome::TimedOut(after) => {
                 return Err(LoadError::Timeout {
@@ -278,7 +293,12 @@ where
                     message.to_string(),
                 )));
             }
-            Outcome::Abandoned => continue,
+            Outcome::Abandoned => {
+                if let Some(hook) = hook {
+                    hook(false);
+                }
+                continue;
+            }
         }
     };
 
@@ -292,6 +312,7 @@ where
             cache_error,
         },
         loader,
+        hook,
     )
     .await
 }

@@ -121,6 +121,7 @@ impl Layer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Op {
     Get,
+    GetMany,
     Set,
     Invalidate,
     InvalidatePrefix,
@@ -131,8 +132,9 @@ pub(crate) enum Op {
 }
 
 impl Op {
-    pub(crate) const ALL: [Op; 8] = [
+    pub(crate) const ALL: [Op; 9] = [
         Op::Get,
+        Op::GetMany,
         Op::Set,
         Op::Invalidate,
         Op::InvalidatePrefix,
@@ -145,6 +147,7 @@ impl Op {
     pub(crate) const fn label(self) -> &'static str {
         match self {
             Op::Get => "get",
+            Op::GetMany => "get_many",
             Op::Set => "set",
             Op::Invalidate => "invalidate",
             Op::InvalidatePrefix => "invalidate_prefix",

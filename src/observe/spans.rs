@@ -55,6 +55,7 @@ impl SpanSettings {
         }
         let span = match op {
             Op::Get => span!("cachet.get", "GET"),
+            Op::GetMany => span!("cachet.get_many", "MGET"),
             Op::Set => span!("cachet.set", "SET"),
             Op::Invalidate => span!("cachet.invalidate", "DEL"),
             Op::InvalidatePrefix => span!("cachet.invalidate_prefix", "invalidate_prefix"),

@@ -118,6 +118,34 @@ pub trait CacheService: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The bytes stored under each of `keys`, in the order given (`None` where missing or
+    /// expired; a key given twice is answered twice). One call for the whole batch: Redis
+    /// sends one `MGET` per hash slot (one in all on a single server), a tiered instance
+    /// answers what its L1 holds and asks Redis for the rest only.
+    ///
+    /// The default reads the keys one after the other with
+    /// [`get_bytes`](CacheService::get_bytes) (right for a store in process memory).
+    /// Wrappers must forward it; a decorator that changes keys or bytes maps both.
+    ///
+    /// ```
+    /// use bytes::Bytes;
+    /// use cachet::{CacheService, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::default();
+    /// cache.set_bytes("org:a", Bytes::from_static(b"A"), None).await?;
+    /// let found = cache.get_many_bytes(&["org:a", "org:b"]).await?;
+    /// assert_eq!(found, vec![Some(Bytes::from_static(b"A")), None]);
+    /// # Ok(()) }
+    /// ```
+    async fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let mut found = Vec::with_capacity(keys.len());
+        for key in keys {
+            found.push(self.get_bytes(key).await?);
+        }
+        Ok(found)
+    }
+
     /// Stores `value` under `key`, replacing any previous value and its TTL.
     ///
     /// `ttl_secs`: `Some(n)` expires the entry after `n` seconds (`1..=MAX_TTL_SECS`),
@@ -360,6 +388,19 @@ macro_rules! forward_cache_service {
                 decoder: &Decoder,
             ) -> Option<Result<Option<SharedValue>, CacheError>> {
                 (**self).get_shared_now(key, decoder)
+            }
+
+            fn get_many_bytes<'s, 'k, 'a, 'f>(
+                &'s self,
+                keys: &'k [&'a str],
+            ) -> BoxFuture<'f, Result<Vec<Option<Bytes>>, CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                'a: 'f,
+                Self: 'f,
+            {
+                (**self).get_many_bytes(keys)
             }
 
             fn set_bytes<'s, 'k, 'f>(

@@ -228,6 +228,61 @@ impl From<&RedisCacheService> for RedisConnection {
     }
 }
 
+impl RedisCacheService {
+    /// `keys` read with one `MGET` per hash slot (one in all off a cluster), sent together;
+    /// the values in the order of `keys`. A key that holds no string (a cache-aside lease)
+    /// reads as missing, as in `get_bytes`.
+    async fn mget(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let first = keys.first().copied().unwrap_or_default();
+        let client = self.client();
+        let full: Vec<String> = keys
+            .iter()
+            .map(|key| self.full_key(key).into_owned())
+            .collect();
+        let groups: Vec<Vec<usize>> = if full.is_empty() {
+            Vec::new()
+        } else if self.connection().is_clustered() {
+            let mut slots: std::collections::BTreeMap<u16, Vec<usize>> = Default::default();
+            for (i, key) in full.iter().enumerate() {
+                slots
+                    .entry(fred::util::redis_keyslot(key.as_bytes()))
+                    .or_default()
+                    .push(i);
+            }
+            slots.into_values().collect()
+        } else {
+            vec![(0..full.len()).collect()]
+        };
+        let reads = groups.iter().map(|group| {
+            let names: Vec<&str> = group.iter().map(|&i| full[i].as_str()).collect();
+            client.mget::<Vec<Option<Bytes>>, _>(names)
+        });
+        let mut found = vec![None; keys.len()];
+        for (group, read) in groups
+            .iter()
+            .zip(futures_util::future::join_all(reads).await)
+        {
+            let values = read.map_err(|e| self.backend_error("get_many", first, e))?;
+            if values.len() != group.len() {
+                return Err(CacheError::backend(
+                    self.connection().server_label(),
+                    "get_many",
+                    first,
+                    format!(
+                        "MGET of {} keys answered {} values",
+                        group.len(),
+                        values.len()
+                    ),
+                ));
+            }
+            for (&i, value) in group.iter().zip(values) {
+                found[i] = value;
+            }
+        }
+        Ok(found)
+    }
+}
+
 /// Boxes the future `make` returns: plain `Box::pin` without the `future-slots` feature
 /// (with it, `future_slot::boxed`, which keeps it in a reused per-thread slot).
 #[cfg(not(feature = "future-slots"))]
@@ -290,6 +345,17 @@ impl CacheService for RedisCacheService {
                 self.inner.instruments.read(value.is_some());
                 Ok(value)
             })
+        })
+    }
+
+    async fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let first = keys.first().copied().unwrap_or_default();
+        observed!(self.inner.instruments, Op::GetMany, first, async {
+            let found = self.mget(keys).await?;
+            for value in &found {
+                self.inner.instruments.read(value.is_some());
+            }
+            Ok(found)
         })
     }
 

@@ -314,6 +314,37 @@ impl CacheService for TieredCacheService {
         })
     }
 
+    async fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let first = keys.first().copied().unwrap_or_default();
+        observed!(self.inner.shared.instruments, Op::GetMany, first, async {
+            let shared = &self.inner.shared;
+            let mut found = Vec::with_capacity(keys.len());
+            let mut missed = Vec::new();
+            for (i, key) in keys.iter().enumerate() {
+                let hit = shared.l1_hit(key);
+                shared.instruments.read(hit.is_some());
+                if hit.is_none() {
+                    // Taken before the read, as in `get_bytes`: an invalidation that
+                    // arrives meanwhile keeps the value read out of the L1.
+                    missed.push((i, shared.coherence.ticket(key)));
+                }
+                found.push(hit);
+            }
+            if missed.is_empty() {
+                return Ok(found);
+            }
+            let names: Vec<&str> = missed.iter().map(|&(i, _)| keys[i]).collect();
+            let envelopes = self.inner.l2.get_many(&names).await?;
+            for ((i, ticket), envelope) in missed.iter().zip(envelopes) {
+                if let Some(envelope) = envelope {
+                    shared.fill(keys[*i], &envelope, ticket);
+                    found[*i] = Some(envelope.payload);
+                }
+            }
+            Ok(found)
+        })
+    }
+
     fn get_bytes_now(&self, key: &str) -> Option<Result<Option<Bytes>, CacheError>> {
         // A miss in L1 says nothing about L2 (`get_bytes` follows, and counts it).
         let instruments = &self.inner.shared.instruments;

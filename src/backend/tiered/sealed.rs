@@ -103,6 +103,21 @@ impl SealedL2 {
         }
     }
 
+    /// The live values of `keys` (one `MGET` per hash slot), in their order.
+    pub(super) async fn get_many(
+        &self,
+        keys: &[&str],
+    ) -> Result<Vec<Option<Envelope>>, CacheError> {
+        let stored = self.redis.get_many_bytes(keys).await?;
+        keys.iter()
+            .zip(stored)
+            .map(|(key, stored)| match stored {
+                Some(stored) => self.open(key, &stored),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
     /// Stores `envelope` under `key` (`ttl_secs` passes through to Redis).
     pub(super) async fn set(
         &self,

@@ -325,6 +325,14 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
             .map(|answer| answer.and_then(|stored| self.open(key, stored)))
     }
 
+    async fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>, CacheError> {
+        let stored = self.inner.get_many_bytes(keys).await?;
+        keys.iter()
+            .zip(stored)
+            .map(|(key, stored)| self.open(key, stored))
+            .collect()
+    }
+
     /// Not forwarded: the inner service holds ciphertext, whose decoded value is not this
     /// service's. Shared reads through this decorator decrypt and decode each time.
     fn get_shared_now(
