@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 
 use crate::codec::{Codec, Frame};
 use crate::load::{LoadError, LoadOptions, Loaded};
-use crate::service::{Decoded, Decoder, MAX_TTL_SECS, SharedValue};
+use crate::service::{Decoded, Decoder, MAX_TTL_SECS, SharedValue, tags};
 use crate::{CacheError, CacheService, codec};
 
 /// The typed helpers, for every [`CacheService`] (`dyn CacheService` included).
@@ -58,6 +58,13 @@ pub trait CacheServiceExt: CacheService {
                 None => self.get_bytes(key).await?,
             };
             match stored {
+                // Boxed, so that the plain path's future stays small.
+                Some(bytes) if tags::is_tagged(&bytes) => {
+                    match Box::pin(tags::resolve_one(self, key, Some(bytes))).await? {
+                        Some(bytes) => codec::frame::decode_stored_with(self.codec(), key, &bytes),
+                        None => Ok(None),
+                    }
+                }
                 Some(bytes) => codec::frame::decode_stored_with(self.codec(), key, &bytes),
                 None => Ok(None),
             }
@@ -104,8 +111,10 @@ pub trait CacheServiceExt: CacheService {
         let now = self.get_shared_now(key, &decoder::<T>(self.codec()));
         async move {
             match now {
-                Some(answer) => answer?.map(|value| downcast::<T>(key, value)).transpose(),
-                None => Ok(self.get::<T>(key).await?.map(Arc::new)),
+                Some(Ok(Some(value))) => downcast::<T>(key, value).map(Some),
+                Some(Err(error)) => Err(error),
+                // Nothing to share: a miss, or an entry only a read can judge (tagged).
+                Some(Ok(None)) | None => Ok(self.get::<T>(key).await?.map(Arc::new)),
             }
         }
     }
@@ -367,6 +376,7 @@ pub trait CacheServiceExt: CacheService {
     ) -> impl Future<Output = Result<Vec<Option<T>>, CacheError>> + Send {
         async move {
             let stored = self.get_many_bytes(keys).await?;
+            let stored = tags::resolve(self, keys, stored).await?;
             keys.iter()
                 .zip(stored)
                 .map(|(key, stored)| match stored {
@@ -473,6 +483,47 @@ pub trait CacheServiceExt: CacheService {
         crate::load::batch::load_many(self, keys, options, loader)
     }
 
+    /// Encodes `value` and stores it under `key` with `tags` (1 to 64, each 1 to 1024
+    /// bytes): [`CacheService::invalidate_tag`] of any of them invalidates it, on every
+    /// instance. [`get`](Self::get), [`get_many`](Self::get_many) and
+    /// [`get_shared`](Self::get_shared) serve it while none of its tags was invalidated since
+    /// it was written (they read the tags' records: in one batch, from the L1 on a tiered
+    /// cache); `get_bytes` returns the tagged frame as stored ([`tags`]).
+    ///
+    /// A tagged entry is decoded on each read (its shared value is not kept, since only a
+    /// read of the records can tell whether it is served), and the cache-aside methods do
+    /// not write tags: `get_or_load` of a key written by `set_tagged` loads it again. Tags
+    /// are versioned records that live 30 days after their last write; an entry whose TTL
+    /// outlives its tag's record reads as missing then (never as a stale value).
+    ///
+    /// ```
+    /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::default();
+    /// // Every cached token of user 42, whatever its key.
+    /// cache.set_tagged("token:9f2c", &"alice", Some(300), &["user:42"]).await?;
+    /// cache.set_tagged("token:77aa", &"alice", Some(300), &["user:42"]).await?;
+    /// cache.set_tagged("token:0b1d", &"bob", Some(300), &["user:7"]).await?;
+    /// cache.invalidate_tag("user:42").await?;
+    /// let left = cache.get_many::<String>(&["token:9f2c", "token:77aa", "token:0b1d"]).await?;
+    /// assert_eq!(left, [None, None, Some("bob".to_string())]);
+    /// // Written after the invalidation: served.
+    /// cache.set_tagged("token:9f2c", &"alice", Some(300), &["user:42"]).await?;
+    /// assert_eq!(cache.get::<String>("token:9f2c").await?.as_deref(), Some("alice"));
+    /// # Ok(()) }
+    /// ```
+    fn set_tagged<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl_secs: Option<u64>,
+        tags: &[&str],
+    ) -> impl Future<Output = Result<(), CacheError>> + Send {
+        let encoded = codec::encode_with(self.codec(), key, value);
+        async move { tags::set_tagged(self, key, encoded?, ttl_secs, tags).await }
+    }
+
     /// Encodes `value` and stores it under `key` (see [`CacheService::set_bytes`] for
     /// `ttl_secs`).
     fn set<T: Serialize + ?Sized>(
@@ -506,6 +557,10 @@ fn decode_shared<T: DeserializeOwned + Send + Sync + 'static>(
     key: &str,
     stored: &Bytes,
 ) -> Result<Decoded, CacheError> {
+    if tags::is_tagged(stored) {
+        // Whether it is served depends on its tags' records: `get_shared` reads it.
+        return Ok(Decoded::nothing());
+    }
     if !Frame::is_framed(stored) {
         let value: T = codec::decode_with(codec, key, stored)?;
         return Ok(Decoded::plain(Arc::new(value)));

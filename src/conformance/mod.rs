@@ -131,6 +131,11 @@ checks! {
         shared_wrong_type_is_serialization_error,
         shared_value_expires_with_its_ttl,
         shared_cache_aside;
+    tags:
+        invalidate_tag_hides_exactly_its_entries,
+        tags_are_literal_and_unused_tags_are_fine,
+        bad_tags_are_invalid_arguments,
+        corrupt_tagged_bytes_are_integrity_errors;
 }
 
 #[deny(dead_code)]
@@ -146,6 +151,8 @@ pub mod model;
 mod refresh;
 #[deny(dead_code)]
 mod shared;
+#[deny(dead_code)]
+mod tags;
 
 /// Generates one `#[tokio::test]` per conformance check (see [`CHECKS`]), each on a fresh
 /// service built by `$make` (an expression evaluated inside the async test; it may `.await`)

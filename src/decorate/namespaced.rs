@@ -235,6 +235,11 @@ impl<S: CacheService> CacheService for NamespacedCacheService<S> {
         self.inner.invalidate_prefix(&self.stored_key(prefix)).await
     }
 
+    /// On this service itself (not forwarded): the record goes where its reads look.
+    async fn invalidate_tag(&self, tag: &str) -> Result<(), CacheError> {
+        crate::service::tags::invalidate(self, tag).await
+    }
+
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
         self.inner.lease(&self.stored_key(key), request).await
     }

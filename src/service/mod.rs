@@ -23,6 +23,7 @@ use crate::codec::{Codec, Json};
 
 pub mod lease;
 pub mod shared;
+pub mod tags;
 
 /// The longest TTL any backend accepts: 100 years of 365 days, in seconds. Longer is a
 /// [`CacheError::InvalidArgument`] rather than an overflow somewhere below.
@@ -163,6 +164,34 @@ pub trait CacheService: Send + Sync + fmt::Debug {
     /// Removes every entry whose key starts with the literal string `prefix` and returns how
     /// many were removed. `*`, `?`, `[`, `]` and `\` are ordinary characters here.
     async fn invalidate_prefix(&self, prefix: &str) -> Result<u64, CacheError>;
+
+    /// Invalidates every entry written with `tag` by
+    /// [`set_tagged`](crate::CacheServiceExt::set_tagged) before this call, on every instance
+    /// (within the bound of [`invalidate`](CacheService::invalidate)); entries tagged `tag`
+    /// afterwards are served. One small write whatever the number of entries: it stores a
+    /// new version in the tag's record, and tagged entries are checked against their tags'
+    /// records when read ([`tags`]). A tag is 1 to 1024 bytes.
+    ///
+    /// The default writes the record with this service's own
+    /// [`set_bytes`](CacheService::set_bytes) ([`tags::invalidate`]); a decorator that
+    /// changes keys or bytes must do the same on itself rather than forward, so that the
+    /// record is where its own reads look.
+    ///
+    /// ```
+    /// use cachet::{CacheService, CacheServiceExt, MokaCacheService};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() -> Result<(), cachet::CacheError> {
+    /// let cache = MokaCacheService::default();
+    /// cache.set_tagged("token:a1", &"alice", Some(60), &["user:42"]).await?;
+    /// cache.set_tagged("token:b2", &"alice", Some(60), &["user:42", "org:acme"]).await?;
+    /// cache.invalidate_tag("user:42").await?;
+    /// assert_eq!(cache.get::<String>("token:a1").await?, None);
+    /// assert_eq!(cache.get::<String>("token:b2").await?, None);
+    /// # Ok(()) }
+    /// ```
+    async fn invalidate_tag(&self, tag: &str) -> Result<(), CacheError> {
+        tags::invalidate(self, tag).await
+    }
 
     /// Cache-aside's lease (see [`lease`]): the value stored under
     /// `key`, read from the store that holds the truth (never a local copy), or, when there
@@ -436,6 +465,15 @@ macro_rules! forward_cache_service {
                 Self: 'f,
             {
                 (**self).invalidate_prefix(prefix)
+            }
+
+            fn invalidate_tag<'s, 'k, 'f>(&'s self, tag: &'k str) -> BoxFuture<'f, Result<(), CacheError>>
+            where
+                's: 'f,
+                'k: 'f,
+                Self: 'f,
+            {
+                (**self).invalidate_tag(tag)
             }
 
             fn flight_scope(&self) -> u64 {

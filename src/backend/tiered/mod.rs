@@ -417,6 +417,11 @@ impl CacheService for TieredCacheService {
         )
     }
 
+    /// On this service itself (not forwarded): the record goes where its reads look.
+    async fn invalidate_tag(&self, tag: &str) -> Result<(), CacheError> {
+        crate::service::tags::invalidate(self, tag).await
+    }
+
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
         observed!(self.inner.shared.instruments, Op::Lease, key, async {
             let shared = &self.inner.shared;

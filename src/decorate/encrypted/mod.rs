@@ -380,6 +380,11 @@ impl<S: CacheService> CacheService for EncryptedCacheService<S> {
     /// miss: it is replaced by the lease at once (a new request for the same token with
     /// `replace` set to that value), so the caller sees what it would see for an expired
     /// entry. A value that does not decrypt is [`LeaseRead::Unreadable`].
+    /// On this service itself (not forwarded): the record goes where its reads look.
+    async fn invalidate_tag(&self, tag: &str) -> Result<(), CacheError> {
+        crate::service::tags::invalidate(self, tag).await
+    }
+
     async fn lease(&self, key: &str, request: &LeaseRequest) -> Result<LeaseRead, CacheError> {
         let mut answer = self.inner.lease(key, request).await?;
         let mut replaced = 0;
