@@ -14,12 +14,21 @@
 //!   so it cannot implement `Codec::decode_erased`: its decode row is the typed call, a lower
 //!   bound of what an erased path would cost.
 //!
+//! - `typed_cache`: what a codec changes for an app, through a cache: `MokaCacheService` built
+//!   with `.codec(MessagePack)` against the default (JSON), both as `Arc<dyn CacheService>`,
+//!   a typed `get::<OrgContext>` hit and a typed `set` of the fixture's 4,000 org contexts in
+//!   random order (`benches/common`). Before criterion's rows the bench prints the same four
+//!   interleaved in rounds (the order rotating, medians, and msgpack / json), which is
+//!   steadier on a small, shared machine (`ROUNDS`, `OPS` override 15 and 100 000).
+//!
 //! Before the measurements the bench prints each codec's size for the value and what each
 //! one does with the types that a format without field names gets wrong: `ok` (decodes to
 //! the value written), `error` (encode or decode fails, with the message), `WRONG VALUE`
 //! (decodes, to something else, without an error) or `PANIC`.
 //!
 //! `cargo bench --bench codecs` (a short run: `-- --warm-up-time 1 --measurement-time 2`).
+//! Instruction counts of the `typed_cache` rows: see [`count_instructions`]; e.g.
+//! `CONTENDER=get/msgpack OPS=100000 valgrind --tool=callgrind target/release/deps/codecs-*`.
 
 mod common;
 
@@ -27,11 +36,13 @@ use std::any::Any;
 use std::fmt::Debug;
 use std::hint::black_box;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::time::Instant;
 
-use cachet::BoxError;
 use cachet::codec::{self, Codec, DeserializeFn, Json, MessagePack, erased_serde};
-use common::OrgContext;
-use criterion::{Criterion, criterion_group, criterion_main};
+use cachet::{BoxError, CacheService, CacheServiceExt, MokaCacheService};
+use common::{ACCESSES, Fixture, OrgContext, fixture, runtime};
+use criterion::{Criterion, criterion_group};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -379,5 +390,167 @@ fn decode(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encode, decode);
-criterion_main!(benches);
+// --- Through a cache ---------------------------------------------------------------------
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// An in-memory cache with the default codec (JSON) or MessagePack.
+fn moka(packed: bool) -> Arc<dyn CacheService> {
+    let builder = MokaCacheService::builder();
+    let builder = if packed {
+        builder.codec(MessagePack)
+    } else {
+        builder
+    };
+    Arc::new(builder.build().unwrap())
+}
+
+/// Every org context written, each cache in a loop of its own (entries of two caches
+/// interleaved in memory move results by 20%; see `benches/common`).
+async fn fill(f: &Fixture, caches: &[&Arc<dyn CacheService>]) {
+    for cache in caches {
+        for (key, value) in f.keys.iter().zip(&f.values) {
+            cache.set(key, value, None).await.unwrap();
+        }
+    }
+}
+
+/// Runs each of `N` contenders `ops` times per round for `rounds` rounds, the order rotating
+/// every round; the median ns per op of each.
+async fn interleaved<const N: usize>(
+    rounds: usize,
+    ops: usize,
+    mut run: impl AsyncFnMut(usize, usize),
+) -> [f64; N] {
+    let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); N];
+    for round in 0..rounds {
+        for k in 0..N {
+            let which = (k + round) % N;
+            let start = Instant::now();
+            for op in 0..ops {
+                run(which, (op + round * 7919) % ACCESSES).await;
+            }
+            samples[which].push(start.elapsed().as_nanos() as f64 / ops as f64);
+        }
+    }
+    let mut out = [0.0; N];
+    for (slot, mut times) in out.iter_mut().zip(samples) {
+        times.sort_by(f64::total_cmp);
+        *slot = times[times.len() / 2];
+    }
+    out
+}
+
+/// The interleaved medians of a typed get hit and a typed set, JSON and MessagePack.
+fn cache_interleaved(f: &Fixture) {
+    let (rounds, ops) = (env_or("ROUNDS", 15), env_or("OPS", 100_000));
+    let rt = runtime();
+    rt.block_on(async {
+        let (json, packed) = (moka(false), moka(true));
+        fill(f, &[&json, &packed]).await;
+        let stored = json.get_bytes(&f.keys[0]).await.unwrap().unwrap();
+        assert!(stored.starts_with(b"{"), "JSON");
+        let stored = packed.get_bytes(&f.keys[0]).await.unwrap().unwrap();
+        assert!(
+            stored.starts_with(codec::tag::MAGIC),
+            "MessagePack's header"
+        );
+        let [get_json, get_packed] = interleaved::<2>(rounds, ops, async |which, i| {
+            let cache = if which == 0 { &json } else { &packed };
+            let key = &f.keys[f.order[i]];
+            black_box(cache.get::<OrgContext>(key).await.unwrap().unwrap());
+        })
+        .await;
+        let (json, packed) = (moka(false), moka(true));
+        let [set_json, set_packed] = interleaved::<2>(rounds, ops, async |which, i| {
+            let cache = if which == 0 { &json } else { &packed };
+            let n = f.order[i];
+            cache.set(&f.keys[n], &f.values[n], None).await.unwrap();
+        })
+        .await;
+        eprintln!(
+            "typed through MokaCacheService, ns/op (median of {rounds} interleaved rounds of \
+             {ops}): get hit json {get_json:.0}, msgpack {get_packed:.0} (msgpack / json = \
+             {:.3}); set json {set_json:.0}, msgpack {set_packed:.0} (msgpack / json = {:.3})",
+            get_packed / get_json,
+            set_packed / set_json
+        );
+    });
+}
+
+fn typed_cache(c: &mut Criterion) {
+    let f = fixture();
+    cache_interleaved(&f);
+    let rt = runtime();
+    let mut group = c.benchmark_group("typed_cache");
+    for (name, packed) in [("json", false), ("msgpack", true)] {
+        let cache = moka(packed);
+        rt.block_on(fill(&f, &[&cache]));
+        let mut i = 0usize;
+        group.bench_function(format!("{name} get hit"), |b| {
+            b.to_async(&rt).iter(|| {
+                i = (i + 1) % ACCESSES;
+                let (key, cache) = (&f.keys[f.order[i]], &cache);
+                async move { black_box(cache.get::<OrgContext>(key).await.unwrap().unwrap()) }
+            })
+        });
+        let mut i = 0usize;
+        group.bench_function(format!("{name} set"), |b| {
+            b.to_async(&rt).iter(|| {
+                i = (i + 1) % ACCESSES;
+                let n = f.order[i];
+                let (key, value, cache) = (&f.keys[n], &f.values[n], &cache);
+                async move { cache.set(key, value, None).await.unwrap() }
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Instruction counts (the measure the machine's load does not move): with `CONTENDER` set
+/// (`get/json`, `get/msgpack`, `set/json`, `set/msgpack`) the binary fills that cache, runs
+/// `OPS` (default 100 000) typed gets or sets of it and exits, so that
+/// `valgrind --tool=callgrind` with `OPS=0` and `OPS=N` gives the instructions per operation
+/// as their difference over N (the fill is the same whatever `OPS` is; as in
+/// `scripts/bench-instructions`).
+fn count_instructions(contender: &str) {
+    let ops = env_or("OPS", 100_000);
+    let (get, packed) = match contender {
+        "get/json" => (true, false),
+        "get/msgpack" => (true, true),
+        "set/json" => (false, false),
+        "set/msgpack" => (false, true),
+        other => panic!("CONTENDER={other:?}: one of get/json, get/msgpack, set/json, set/msgpack"),
+    };
+    let f = fixture();
+    let rt = runtime();
+    rt.block_on(async {
+        let cache = moka(packed);
+        fill(&f, &[&cache]).await;
+        for op_n in 0..ops {
+            let n = f.order[op_n % ACCESSES];
+            if get {
+                black_box(cache.get::<OrgContext>(&f.keys[n]).await.unwrap().unwrap());
+            } else {
+                cache.set(&f.keys[n], &f.values[n], None).await.unwrap();
+            }
+        }
+    });
+}
+
+criterion_group!(benches, encode, decode, typed_cache);
+
+fn main() {
+    match std::env::var("CONTENDER") {
+        Ok(contender) => count_instructions(&contender),
+        Err(_) => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}
