@@ -124,7 +124,8 @@ checks! {
         eager_refresh_never_undoes_an_invalidation,
         eager_refresh_never_overwrites_a_set,
         replace_if_swaps_only_the_version_seen,
-        soft_timeout_serves_stale_to_waiters;
+        soft_timeout_serves_stale_to_waiters,
+        soft_timeout_waiters_get_a_load_that_finishes_in_time;
     shared:
         shared_round_trip,
         shared_value_follows_writes_and_invalidations,

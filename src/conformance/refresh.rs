@@ -347,3 +347,49 @@ pub async fn soft_timeout_serves_stale_to_waiters(cache: &dyn CacheService, pref
         "the load went on and stored its value"
     );
 }
+
+/// A waiter with a stale value whose leader finishes inside the soft timeout gets the
+/// leader's new value (the soft timeout only matters when the load is slower than it).
+pub async fn soft_timeout_waiters_get_a_load_that_finishes_in_time(
+    cache: &dyn CacheService,
+    prefix: &str,
+) {
+    let key = format!("{prefix}org:soft-in-time");
+    let options = LoadOptions::default()
+        .ttl_secs(1)
+        .fail_safe(Duration::from_secs(60))
+        .soft_timeout(Duration::from_secs(5))
+        .load_timeout(Duration::from_secs(10));
+    let first = cache
+        .get_or_load_with(&key, &options, || async {
+            Ok::<_, StoreDown>(Some(OrgContext::sample(1)))
+        })
+        .await;
+    assert_eq!(load_ok("first", first).source, LoadSource::Loader);
+    tokio::time::sleep(Duration::from_millis(1_300)).await; // past the 1 s TTL
+
+    let started = Notify::new();
+    let leader = cache.get_or_load_with(&key, &options, || async {
+        started.notify_one();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        Ok::<_, StoreDown>(Some(OrgContext::sample(2)))
+    });
+    let waiter = async {
+        started.notified().await;
+        cache
+            .get_or_load_with(&key, &options, || async {
+                Ok::<_, StoreDown>(Some(OrgContext::sample(3)))
+            })
+            .await
+    };
+    let (leader, waiter) = tokio::time::timeout(HANG, async { tokio::join!(leader, waiter) })
+        .await
+        .expect("both callers finished (bound on a hang)");
+    assert_eq!(load_ok("leader", leader).value, Some(OrgContext::sample(2)));
+    let waiter = load_ok("waiter", waiter);
+    assert_eq!(
+        (waiter.value, waiter.source),
+        (Some(OrgContext::sample(2)), LoadSource::Joined),
+        "a load that finishes inside the soft timeout reaches its waiters"
+    );
+}

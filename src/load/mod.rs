@@ -224,20 +224,30 @@ where
         }
         let wait = flight::wait(receiver);
         tokio::pin!(wait);
-        // The soft timeout: with a stale value at hand, wait that long only.
+        // The soft timeout: with a stale value at hand, wait that long only. A load that
+        // ends inside it is the outcome (the wait is done: it must not be polled again).
+        let mut outcome = None;
         if let Some(soft) = options
             .soft_timeout
             .filter(|soft| *soft < options.load_timeout)
         {
             if let Some(frame) = &stale {
-                if tokio::time::timeout(soft, &mut wait).await.is_err() {
-                    if let Some(loaded) = serve_stale(cache.codec(), key, frame, &mut cache_error) {
-                        return Ok(loaded);
+                match tokio::time::timeout(soft, &mut wait).await {
+                    Ok(ended) => outcome = Some(ended),
+                    Err(_) => {
+                        if let Some(loaded) =
+                            serve_stale(cache.codec(), key, frame, &mut cache_error)
+                        {
+                            return Ok(loaded);
+                        }
                     }
                 }
             }
         }
-        let outcome = tokio::time::timeout(options.load_timeout, &mut wait).await;
+        let outcome = match outcome {
+            Some(ended) => Ok(ended),
+            None => tokio::time::timeout(options.load_timeout, &mut wait).await,
+        };
         let outcome = match outcome {
             Ok(outcome) => outcome,
             Err(_) => {
