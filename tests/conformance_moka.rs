@@ -301,3 +301,160 @@ async fn markers_and_values_of_one_key_replace_each_other() {
     cache.clear();
     assert_eq!(cache.get_bytes("u:c").await.unwrap(), None);
 }
+
+/// Reads look at the backend's own index, moka bounds and evicts: under writers racing on
+/// the same keys (values, "not found" markers, leases, invalidations, prefixes, clears), the
+/// index must never keep an entry moka has let go, or memory would grow past the bound.
+#[test]
+fn the_read_index_stays_within_the_bound_under_racing_writers() {
+    use cachet::load::{Frame, LeaseRead, LeaseRequest};
+    let cache = MokaCacheService::builder()
+        .max_entries(100)
+        .build()
+        .unwrap();
+    // Short keys (kept in the index's slots) and long ones (shared with moka), around the
+    // boundary, some not ASCII.
+    let keys: Vec<String> = (0..3_000)
+        .map(|i| match i % 4 {
+            0 => format!("k{i}"),
+            1 => format!("{:0>22}", i),
+            2 => format!("{:é>12}{i}", ""),
+            _ => format!("tenant:{i}:a-long-key-past-the-inline-size"),
+        })
+        .collect();
+    let marker = Frame::absent(u64::MAX).encode();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let (cache, keys, marker) = (&cache, &keys, &marker);
+            scope.spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let mut x = t * 7_919 + 1;
+                    for step in 0..20_000u64 {
+                        x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                        let key = &keys[(x >> 33) as usize % keys.len()];
+                        match step % 10 {
+                            0..=4 => cache.set(key, &step, None).await.unwrap(),
+                            5 => cache.set_bytes(key, marker.clone(), None).await.unwrap(),
+                            6 => cache.invalidate(key).await.unwrap(),
+                            7 => {
+                                let request = LeaseRequest::new();
+                                if let LeaseRead::Granted(lease) =
+                                    cache.lease(key, &request).await.unwrap()
+                                {
+                                    let _ = cache.set_leased(key, &lease, "1".into(), None).await;
+                                }
+                            }
+                            8 if step % 1_000 == 8 => cache.clear(),
+                            8 if step % 100 == 18 => {
+                                cache.invalidate_prefix("k1").await.unwrap();
+                            }
+                            _ => {
+                                let _ = cache.get_bytes(key).await.unwrap();
+                            }
+                        }
+                    }
+                });
+            });
+        }
+    });
+    runtime.block_on(async {
+        for _ in 0..3 {
+            cache.run_pending_tasks();
+        }
+        // 100 values and 10 markers at most (a tenth, in their own space).
+        assert!(
+            cache.entry_count() <= 110,
+            "the index holds {} entries for a bound of 100 + 10",
+            cache.entry_count()
+        );
+        // And it still reads what is written, for every kind of key.
+        cache.clear();
+        for key in keys.iter().take(8) {
+            cache.set(key, &key.len(), None).await.unwrap();
+            assert_eq!(
+                cache.get::<usize>(key).await.unwrap(),
+                Some(key.len()),
+                "{key}"
+            );
+        }
+        assert_eq!(cache.invalidate_prefix("tenant:").await.unwrap(), 2);
+        assert_eq!(cache.invalidate_prefix("éé").await.unwrap(), 2);
+    });
+}
+
+/// Expired entries stop being read at once and leave memory once moka drops them.
+#[tokio::test]
+async fn expired_entries_leave_memory() {
+    let cache = MokaCacheService::default();
+    for i in 0..300 {
+        cache.set(&format!("short:{i}"), &i, Some(1)).await.unwrap();
+    }
+    cache.set("long", &1, Some(60)).await.unwrap();
+    cache.run_pending_tasks();
+    assert_eq!(cache.entry_count(), 301);
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    assert_eq!(cache.get::<u32>("short:7").await.unwrap(), None);
+    cache.run_pending_tasks();
+    assert_eq!(
+        cache.entry_count(),
+        1,
+        "only the entry with 60 s left stays"
+    );
+}
+
+/// Hits are handed to moka's eviction policy (a sample of them): keys read often survive a
+/// flood of keys that were each looked up once and then written, which the policy would
+/// otherwise prefer (a miss counts for the key it names).
+#[tokio::test]
+async fn keys_read_often_survive_a_flood_of_keys_loaded_once() {
+    let cache = MokaCacheService::builder()
+        .max_entries(100)
+        .build()
+        .unwrap();
+    for i in 0..90 {
+        cache.set(&format!("hot:{i}"), &i, None).await.unwrap();
+    }
+    for _ in 0..640 {
+        for i in 0..90 {
+            assert!(
+                cache
+                    .get_bytes(&format!("hot:{i}"))
+                    .await
+                    .unwrap()
+                    .is_some()
+            );
+        }
+    }
+    for i in 0..2_000 {
+        let key = format!("cold:{i}");
+        assert_eq!(cache.get_bytes(&key).await.unwrap(), None);
+        cache.set(&key, &i, None).await.unwrap();
+        if i % 100 == 99 {
+            cache.run_pending_tasks();
+        }
+    }
+    cache.run_pending_tasks();
+    let mut kept = 0;
+    for i in 0..90 {
+        kept += usize::from(
+            cache
+                .get_bytes(&format!("hot:{i}"))
+                .await
+                .unwrap()
+                .is_some(),
+        );
+    }
+    // 79 of 90 stay here; with no hit handed to moka, none does.
+    assert!(
+        kept >= 60,
+        "only {kept} of 90 keys read 640 times each are left"
+    );
+}

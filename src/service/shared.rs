@@ -160,6 +160,15 @@ impl DecodedSlot {
         Ok(decoded)
     }
 
+    /// The value kept for `type_id`, if the slot holds one of that type.
+    #[inline]
+    pub fn kept(&self, type_id: TypeId) -> Option<&Decoded> {
+        match self.0.get() {
+            Some((kept, decoded)) if *kept == type_id => Some(decoded),
+            _ => None,
+        }
+    }
+
     /// What a read of `stored` as `decoder`'s type sees now:
     /// [`get_or_decode`](Self::get_or_decode) then [`Decoded::value`], without cloning the
     /// kept [`Decoded`] (a hit clones the value's `Arc`, nothing else).

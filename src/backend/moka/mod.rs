@@ -1,5 +1,8 @@
-//! The in-process backend, on `moka` 0.12 (`sync` cache).
+//! The in-process backend, on `moka` 0.12 (`sync` cache) and a read index of its own.
 
+mod index;
+
+use std::cell::Cell;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -8,6 +11,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use moka::Expiry;
+use moka::notification::RemovalCause;
 use moka::sync::Cache as MokaCache;
 
 use crate::codec::frame::now_ms;
@@ -18,6 +22,8 @@ use crate::service::{
     DEFAULT_TTL_SECS, DecodedSlot, Decoder, SharedValue, check_default_ttl, resolve_ttl,
 };
 use crate::{CacheError, CacheService};
+
+use index::Index;
 
 /// Default capacity of [`MokaCacheService::default`], in entries.
 pub const DEFAULT_MAX_ENTRIES: u64 = 10_000;
@@ -32,8 +38,8 @@ const ENTRY_OVERHEAD_BYTES: u64 = 64;
 /// One stored value and how long it lives from its write; or a cache-aside lease on the
 /// key (then `value` is empty and reads see a miss).
 ///
-/// One `Arc`: moka clones the value on every read, so a hit costs one reference count
-/// (the bytes, the lease and the decoded slot are behind it, in one allocation).
+/// One `Arc`: a hit clones it, one reference count (the bytes, the lease and the decoded
+/// slot are behind it, in one allocation).
 #[derive(Clone)]
 struct Entry(Arc<EntryData>);
 
@@ -43,10 +49,15 @@ struct EntryData {
     /// that a shared hit reads the reference count and the slot from one cache line.
     decoded: DecodedSlot,
     value: Bytes,
+    /// When the entry stops being readable (its write plus its TTL). Reads check it; moka
+    /// drops the entry around then (it counts `ttl` from the same write).
+    deadline: Instant,
     ttl: Duration,
     /// Numbers the writes, so that a lease can replace exactly the value a caller saw.
     id: u64,
     lease: Option<LeaseMark>,
+    /// A cached "not found" marker: lives in moka's space for those.
+    negative: bool,
 }
 
 impl std::ops::Deref for Entry {
@@ -58,38 +69,93 @@ impl std::ops::Deref for Entry {
     }
 }
 
-/// A lease held on a key: its holder's token and when it ends.
+/// A lease held on a key: its holder's token (it ends at the entry's deadline).
 struct LeaseMark {
     token: LeaseToken,
-    until: Instant,
 }
 
 impl Entry {
     fn value(value: Bytes, ttl: Duration) -> Self {
-        Entry::new(value, ttl, None)
+        let negative = Frame::is_absent_marker(&value);
+        Entry::new(value, ttl, Instant::now(), None, negative)
     }
 
     /// A lease on the key for `ttl`, held by `token` (an empty value: reads see a miss).
     fn lease(token: LeaseToken, ttl: Duration, now: Instant) -> Self {
-        let until = now + ttl;
-        Entry::new(Bytes::new(), ttl, Some(LeaseMark { token, until }))
+        Entry::new(Bytes::new(), ttl, now, Some(LeaseMark { token }), false)
     }
 
-    fn new(value: Bytes, ttl: Duration, lease: Option<LeaseMark>) -> Self {
+    fn new(
+        value: Bytes,
+        ttl: Duration,
+        now: Instant,
+        lease: Option<LeaseMark>,
+        negative: bool,
+    ) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Entry(Arc::new(EntryData {
             decoded: DecodedSlot::new(),
             value,
+            // Past what `Instant` can hold (centuries): never, in practice.
+            deadline: now
+                .checked_add(ttl)
+                .unwrap_or_else(|| now + Duration::from_secs(1 << 32)),
             ttl,
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             lease,
+            negative,
         }))
+    }
+
+    /// Whether the entry is still readable at `now`.
+    #[inline]
+    fn live(&self, now: Instant) -> bool {
+        now < self.deadline
     }
 
     /// The value, unless this is a lease.
     fn readable(&self) -> Option<Bytes> {
         self.lease.is_none().then(|| self.value.clone())
     }
+}
+
+/// How moka learns what is read, for its eviction policy (TinyLFU: a new entry is admitted
+/// only if read more often than the one it would evict). A miss is always handed to moka
+/// (it counts the key, as a read of moka would; a miss is followed by a load anyway); a hit
+/// only with probability one in `TOUCH_EVERY`, drawn at random (never in a fixed rhythm,
+/// which a periodic access pattern could alias with): moka's ranking of the keys by reads
+/// stays, at a thirty-second of the cost of telling it every hit (a moka read costs
+/// several times an index read).
+const TOUCH_EVERY: u64 = 32;
+
+/// What a shared read finds under the index's lock.
+enum Shared {
+    Nothing,
+    Leased,
+    Kept(Option<SharedValue>, bool),
+    Decode(Entry),
+}
+
+thread_local! {
+    /// This thread's random draws (xorshift64) for picking the hits moka sees; each thread
+    /// starts from its own seed.
+    static DRAWS: Cell<u64> = Cell::new({
+        static SEEDS: AtomicU64 = AtomicU64::new(0x9E37_79B9_7F4A_7C15);
+        SEEDS.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed) | 1
+    });
+}
+
+/// Whether this hit is one of those moka sees.
+#[inline(always)]
+fn draw_touch() -> bool {
+    DRAWS.with(|state| {
+        let mut x = state.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        state.set(x);
+        x % TOUCH_EVERY == 0
+    })
 }
 
 /// Stripes of the per-key write lock: every change of a key (`set`, `invalidate`, lease
@@ -101,14 +167,14 @@ const WRITE_STRIPES: usize = 64;
 /// (moka passes the write's instant, so `set` needs no clock read of its own).
 struct EntryExpiry;
 
-impl Expiry<String, Entry> for EntryExpiry {
-    fn expire_after_create(&self, _: &String, entry: &Entry, _: Instant) -> Option<Duration> {
+impl Expiry<Arc<str>, Entry> for EntryExpiry {
+    fn expire_after_create(&self, _: &Arc<str>, entry: &Entry, _: Instant) -> Option<Duration> {
         Some(entry.ttl)
     }
 
     fn expire_after_update(
         &self,
-        _: &String,
+        _: &Arc<str>,
         entry: &Entry,
         _: Instant,
         _: Option<Duration>,
@@ -143,12 +209,17 @@ impl Expiry<String, Entry> for EntryExpiry {
 /// ```
 #[derive(Clone)]
 pub struct MokaCacheService {
-    cache: MokaCache<String, Entry, ahash::RandomState>,
-    /// Cached "not found" markers, apart from the values (see the type's docs). A key is
-    /// in at most one of the two once its write is done: every write inserts into its own
-    /// space first and then removes the key from the other, so a read (values first) sees
-    /// the old or the new entry, never neither.
-    negatives: MokaCache<String, Entry, ahash::RandomState>,
+    /// Every live entry by key: what reads look at (see `index.rs`). An entry is in the
+    /// index while moka holds it in one of the two spaces below: writes go to the index
+    /// first and then to moka, under the key's write stripe, and moka's eviction listener
+    /// removes from the index what moka evicts or expires (that very entry, not a newer
+    /// one of the same key).
+    index: Arc<Index<Entry>>,
+    /// The values' space: moka bounds it, admits, evicts and expires.
+    cache: MokaCache<Arc<str>, Entry, ahash::RandomState>,
+    /// Cached "not found" markers, bounded apart from the values (see the type's docs). A
+    /// key is in at most one of the two spaces once its write is done.
+    negatives: MokaCache<Arc<str>, Entry, ahash::RandomState>,
     default_ttl: Duration,
     capacity: Capacity,
     /// Shared by every clone (they share the store): see [`CacheService::flight_scope`].
@@ -182,6 +253,14 @@ impl WriteStripes {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    /// Every stripe, in order (no write runs while they are held).
+    fn lock_all(&self) -> Vec<MutexGuard<'_, ()>> {
+        self.locks
+            .iter()
+            .map(|lock| lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner()))
+            .collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,11 +280,11 @@ impl MokaCacheService {
         self.default_ttl
     }
 
-    /// How many entries the cache holds now, "not found" markers included (approximate:
-    /// moka applies writes to its bookkeeping in batches; expired entries may still be
-    /// counted).
+    /// How many entries the cache holds now, "not found" markers included (expired entries
+    /// count until moka drops them, and moka applies evictions in batches: call
+    /// [`run_pending_tasks`](Self::run_pending_tasks) first for a settled count).
     pub fn entry_count(&self) -> u64 {
-        self.cache.entry_count() + self.negatives.entry_count()
+        self.index.len()
     }
 
     /// How many of [`entry_count`](Self::entry_count) are cached "not found" markers, kept
@@ -236,32 +315,80 @@ impl MokaCacheService {
     /// Stores `value` under `key` for `ttl` (any duration; used by the tiered cache's L1).
     #[cfg(feature = "redis")]
     pub(crate) fn insert_for(&self, key: &str, value: Bytes, ttl: Duration) {
+        let _write = self.stripes.lock(key);
         self.put(key, Entry::value(value, ttl));
     }
 
-    /// Stores `entry` in the space its value belongs to (a "not found" marker or a value),
-    /// then removes `key` from the other one.
+    /// Stores `entry` under `key`: in the index, then in the moka space its value belongs
+    /// to (a "not found" marker or a value), then removes `key` from the other space. Call
+    /// with the key's stripe held. The index goes first so that moka's listener, should
+    /// moka turn the entry away at once (admission, or a value above the byte bound),
+    /// finds it there to remove.
     fn put(&self, key: &str, entry: Entry) {
-        if entry.lease.is_none() && Frame::is_absent_marker(&entry.value) {
-            self.negatives.insert(key.to_owned(), entry);
-            self.cache.invalidate(key);
+        let key: Arc<str> = Arc::from(key);
+        self.index.insert(&key, entry.clone());
+        let (space, other) = if entry.negative {
+            (&self.negatives, &self.cache)
         } else {
-            self.cache.insert(key.to_owned(), entry);
-            self.negatives.invalidate(key);
+            (&self.cache, &self.negatives)
+        };
+        other.invalidate(&*key);
+        space.insert(key, entry);
+    }
+
+    /// The entry of `key`, if live.
+    fn current(&self, key: &str) -> Option<Entry> {
+        self.index
+            .get(key)
+            .filter(|entry| entry.live(Instant::now()))
+    }
+
+    /// The live entry of `key`, as a read finds it.
+    #[inline(always)]
+    fn lookup(&self, key: &str) -> Option<Entry> {
+        match self.index.get(key) {
+            Some(entry) if entry.live(Instant::now()) => {
+                self.count_hit(key, entry.negative);
+                Some(entry)
+            }
+            _ => {
+                self.count_miss(key);
+                None
+            }
         }
     }
 
-    /// The entry of `key` in either space (values first).
-    fn current(&self, key: &str) -> Option<Entry> {
-        self.cache.get(key).or_else(|| self.negatives.get(key))
+    /// Counts a hit of `key` (see [`TOUCH_EVERY`]).
+    #[inline(always)]
+    fn count_hit(&self, key: &str, negative: bool) {
+        if draw_touch() {
+            self.touch(key, negative);
+        }
+    }
+
+    /// Tells moka `key` was read.
+    #[cold]
+    #[inline(never)]
+    fn touch(&self, key: &str, negative: bool) {
+        let space = if negative {
+            &self.negatives
+        } else {
+            &self.cache
+        };
+        space.get(key);
+    }
+
+    /// Counts a miss of `key` in both spaces (whichever the key's next write goes to).
+    #[cold]
+    #[inline(never)]
+    fn count_miss(&self, key: &str) {
+        self.cache.get(key);
+        self.negatives.get(key);
     }
 
     /// What a read of `key` sees.
     fn read(&self, key: &str) -> Option<Bytes> {
-        match self.cache.get(key) {
-            Some(entry) => entry.readable(),
-            None => self.negatives.get(key).map(|entry| entry.value.clone()),
-        }
+        self.lookup(key)?.readable()
     }
 
     /// What a shared read of `key` sees: `None` when there is no readable entry, else the
@@ -272,24 +399,50 @@ impl MokaCacheService {
         key: &str,
         decoder: &Decoder,
     ) -> Option<Result<Option<SharedValue>, CacheError>> {
-        let entry = match self.cache.get(key) {
-            Some(entry) if entry.lease.is_some() => return None,
-            Some(entry) => entry,
-            None => self.negatives.get(key)?,
-        };
-        Some(entry.decoded.value_now(key, &entry.value, decoder, now_ms))
+        // A kept value is read under the shard's lock (no clone of the entry); a first read
+        // takes the entry out and decodes it there.
+        let now = Instant::now();
+        let found = self.index.with(key, |entry| {
+            if !entry.live(now) {
+                return Shared::Nothing;
+            }
+            if entry.lease.is_some() {
+                return Shared::Leased;
+            }
+            match entry.decoded.kept(decoder.type_id()) {
+                Some(decoded) => Shared::Kept(decoded.value(now_ms), entry.negative),
+                None => Shared::Decode(entry.clone()),
+            }
+        });
+        match found.unwrap_or(Shared::Nothing) {
+            Shared::Nothing => {
+                self.count_miss(key);
+                None
+            }
+            Shared::Leased => None,
+            Shared::Kept(value, negative) => {
+                self.count_hit(key, negative);
+                Some(Ok(value))
+            }
+            Shared::Decode(entry) => {
+                self.count_hit(key, entry.negative);
+                Some(entry.decoded.value_now(key, &entry.value, decoder, now_ms))
+            }
+        }
     }
 
-    /// Removes `key` from both spaces.
-    fn remove(&self, key: &str) {
+    /// Removes `key` from the index and both spaces (call with the key's stripe held); the
+    /// entry it had, if any.
+    fn remove(&self, key: &str) -> Option<Entry> {
+        let removed = self.index.remove(key);
         self.cache.invalidate(key);
         self.negatives.invalidate(key);
+        removed
     }
 
     /// Whether `token` holds the lease on `key` now (call with the key's stripe held).
     fn holds(&self, key: &str, token: &LeaseToken) -> bool {
-        self.cache
-            .get(key)
+        self.current(key)
             .is_some_and(|entry| matches!(&entry.lease, Some(mark) if mark.token == *token))
     }
 
@@ -297,21 +450,26 @@ impl MokaCacheService {
     fn release_now(&self, key: &str, token: &LeaseToken) {
         let _write = self.stripes.lock(key);
         if self.holds(key, token) {
-            self.cache.invalidate(key);
+            self.remove(key);
         }
     }
 
     /// Removes `key` (the synchronous form of `invalidate`; used by the tiered cache's L1).
     #[cfg(feature = "redis")]
     pub(crate) fn forget(&self, key: &str) {
+        let _write = self.stripes.lock(key);
         self.remove(key);
     }
 
-    /// Drops every entry (moka applies it lazily; reads stop seeing them at once).
+    /// Drops every entry: reads stop seeing them at once (moka frees its copies lazily).
     pub fn clear(&self) {
         self.resets.fetch_add(1, Ordering::Relaxed);
+        // With every stripe held no write is halfway (in the index but not yet in moka),
+        // so none can outlive the clear in the index alone.
+        let _writes = self.stripes.lock_all();
         self.cache.invalidate_all();
         self.negatives.invalidate_all();
+        self.index.clear();
     }
 
     /// Applies pending evictions and bookkeeping now (moka otherwise does it in batches).
@@ -486,9 +644,9 @@ impl MokaCacheService {
         }
         if let Some(entry) = self.current(key) {
             match &entry.lease {
-                Some(mark) if mark.token != request.token && mark.until > now => {
+                Some(mark) if mark.token != request.token && entry.deadline > now => {
                     return Ok(LeaseRead::Held {
-                        remaining: mark.until - now,
+                        remaining: entry.deadline - now,
                     });
                 }
                 None if request.replace.as_ref().and_then(StoredVersion::as_id)
@@ -514,22 +672,14 @@ impl MokaCacheService {
     }
 
     async fn invalidate_prefix_now(&self, prefix: &str) -> Result<u64, CacheError> {
-        // moka's `invalidate_entries_if` can miss matching entries and gives no count, so
-        // collect the matching keys first (`iter` skips expired entries), then remove them
-        // one by one, counting those this call really removed: not the ones another caller
-        // removed in between, nor the ones that expired in between (`contains_key` is false
-        // for those; `remove` would still hand them back). The scan costs about half a
-        // microsecond per cached entry, so it yields to the async runtime every few
-        // thousand steps instead of holding a worker thread for the whole cache.
-        let mut matching: Vec<Arc<String>> = Vec::new();
-        let every_key = self.cache.iter().chain(self.negatives.iter());
-        for (scanned, (key, _)) in every_key.enumerate() {
-            if key.starts_with(prefix) {
-                matching.push(key);
-            }
-            if scanned % SCAN_STEPS_PER_YIELD == SCAN_STEPS_PER_YIELD - 1 {
-                tokio::task::yield_now().await;
-            }
+        // Collect the matching keys shard by shard (yielding to the async runtime between
+        // shards, not holding a worker thread for the whole cache), then remove them one by
+        // one, counting those this call really removed: not the ones another caller removed
+        // in between, nor the ones that expired in between.
+        let mut matching: Vec<Arc<str>> = Vec::new();
+        for shard in 0..self.index.shard_count() {
+            matching.extend(self.index.keys_with_prefix(shard, prefix));
+            tokio::task::yield_now().await;
         }
         let mut removed = 0u64;
         for (step, key) in matching.iter().enumerate() {
@@ -537,11 +687,8 @@ impl MokaCacheService {
             // counts as one, as in Redis where the lease is a key of its own.
             let counted = {
                 let _write = self.stripes.lock(key);
-                let value = self.cache.contains_key(key.as_str())
-                    && self.cache.remove(key.as_str()).is_some();
-                let marker = self.negatives.contains_key(key.as_str())
-                    && self.negatives.remove(key.as_str()).is_some();
-                value || marker
+                self.remove(key)
+                    .is_some_and(|entry| entry.live(Instant::now()))
             };
             removed += u64::from(counted);
             if step % REMOVALS_PER_YIELD == REMOVALS_PER_YIELD - 1 {
@@ -552,14 +699,25 @@ impl MokaCacheService {
     }
 }
 
-/// Entries `invalidate_prefix` scans between two yields to the runtime (about 2 ms).
-const SCAN_STEPS_PER_YIELD: usize = 4_096;
 /// Entries `invalidate_prefix` removes between two yields to the runtime (about 1 ms).
 const REMOVALS_PER_YIELD: usize = 1_024;
 
-/// One moka cache bounded by `capacity`, each entry living for its own TTL.
-fn space(capacity: Capacity) -> MokaCache<String, Entry, ahash::RandomState> {
-    let builder = MokaCache::builder().expire_after(EntryExpiry);
+/// One moka cache bounded by `capacity`, each entry living for its own TTL; what it evicts
+/// or expires leaves `index` too.
+fn space(
+    capacity: Capacity,
+    index: &Arc<Index<Entry>>,
+) -> MokaCache<Arc<str>, Entry, ahash::RandomState> {
+    let index = Arc::clone(index);
+    let builder = MokaCache::builder()
+        .expire_after(EntryExpiry)
+        .eviction_listener(move |key: Arc<Arc<str>>, entry: Entry, cause| {
+            // Explicit removals and replacements are the backend's own writes, which
+            // changed the index themselves (and may already have put a newer entry there).
+            if matches!(cause, RemovalCause::Expired | RemovalCause::Size) {
+                index.remove_if(&key, |held| Arc::ptr_eq(&held.0, &entry.0));
+            }
+        });
     // aHash with per-process random keys: several times faster than std's SipHash on
     // short keys (every get, set and prefix scan hashes), and still resistant to
     // crafted-collision floods from tenant-chosen keys.
@@ -568,7 +726,7 @@ fn space(capacity: Capacity) -> MokaCache<String, Entry, ahash::RandomState> {
         Capacity::Entries(n) => builder.max_capacity(n).build_with_hasher(hasher),
         Capacity::Bytes(n) => builder
             .max_capacity(n)
-            .weigher(|key: &String, entry: &Entry| {
+            .weigher(|key: &Arc<str>, entry: &Entry| {
                 let weight = key.len() as u64 + entry.value.len() as u64 + ENTRY_OVERHEAD_BYTES;
                 u32::try_from(weight).unwrap_or(u32::MAX)
             })
@@ -684,9 +842,11 @@ impl MokaCacheServiceBuilder {
             (None, Capacity::Entries(n)) => Capacity::Entries((n / DEFAULT_NEGATIVE_SHARE).max(1)),
             (None, Capacity::Bytes(n)) => Capacity::Bytes((n / DEFAULT_NEGATIVE_SHARE).max(1)),
         };
+        let index = Arc::new(Index::new());
         MokaCacheService {
-            cache: space(self.capacity),
-            negatives: space(negative_capacity),
+            cache: space(self.capacity, &index),
+            negatives: space(negative_capacity, &index),
+            index,
             default_ttl: Duration::from_secs(self.default_ttl_secs),
             capacity: self.capacity,
             scope: crate::service::new_flight_scope(),
