@@ -37,7 +37,7 @@ mod loaded;
 mod options;
 mod read;
 pub(crate) mod refresh;
-pub use self::refresh::refreshes_in_flight;
+pub use self::refresh::{refresh_in_flight, refreshes_in_flight};
 
 use std::future::Future;
 

@@ -65,6 +65,16 @@ pub fn refreshes_in_flight() -> usize {
     REFRESHING.lock().unwrap_or_else(|p| p.into_inner()).len()
 }
 
+/// Whether an eager refresh of `key` runs now on a cache whose
+/// [`flight_scope`](crate::CacheService::flight_scope) is `scope` (for tests: other tests
+/// of the process may be refreshing keys of their own meanwhile).
+pub fn refresh_in_flight(scope: u64, key: &str) -> bool {
+    REFRESHING
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains(&(scope, Box::from(key)))
+}
+
 /// What one refresh call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refreshed {

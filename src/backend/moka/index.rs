@@ -115,15 +115,16 @@ impl<V: Clone> Index<V> {
             .map(|(_, value)| look(value))
     }
 
-    /// Stores `value` under `key`, replacing what was there.
-    pub(super) fn insert(&self, key: &Arc<str>, value: V) {
+    /// Stores `value` under `key`; what it replaced.
+    pub(super) fn insert(&self, key: &Arc<str>, value: V) -> Option<V> {
         let hash = self.hash(key.as_bytes());
         let mut shard = write(self.shard(hash));
         match shard.find_mut(hash, |(k, _)| k.is(key)) {
-            Some(slot) => slot.1 = value,
+            Some(slot) => Some(std::mem::replace(&mut slot.1, value)),
             None => {
                 let slot = (SlotKey::new(key), value);
                 shard.insert_unique(hash, slot, |(k, _)| self.hash(k.as_bytes()));
+                None
             }
         }
     }

@@ -320,20 +320,31 @@ impl MokaCacheService {
     }
 
     /// Stores `entry` under `key`: in the index, then in the moka space its value belongs
-    /// to (a "not found" marker or a value), then removes `key` from the other space. Call
-    /// with the key's stripe held. The index goes first so that moka's listener, should
-    /// moka turn the entry away at once (admission, or a value above the byte bound),
-    /// finds it there to remove.
+    /// to (a "not found" marker or a value), removing `key` from the other space if it was
+    /// there. Call with the key's stripe held. The index goes first so that moka's listener,
+    /// should moka turn the entry away at once (admission, or a value above the byte
+    /// bound), finds it there to remove.
     fn put(&self, key: &str, entry: Entry) {
         let key: Arc<str> = Arc::from(key);
-        self.index.insert(&key, entry.clone());
-        let (space, other) = if entry.negative {
-            (&self.negatives, &self.cache)
+        let previous = self.index.insert(&key, entry.clone());
+        // Moka holds a key only in the space of the index's entry (what moka drops leaves
+        // the index; what the backend removes leaves both), so the other space needs a
+        // removal only when the key changes kind.
+        if let Some(previous) = previous
+            && previous.negative != entry.negative
+        {
+            self.space(&previous).invalidate(&*key);
+        }
+        self.space(&entry).insert(key, entry);
+    }
+
+    /// The moka space `entry` lives in.
+    fn space(&self, entry: &Entry) -> &MokaCache<Arc<str>, Entry, ahash::RandomState> {
+        if entry.negative {
+            &self.negatives
         } else {
-            (&self.cache, &self.negatives)
-        };
-        other.invalidate(&*key);
-        space.insert(key, entry);
+            &self.cache
+        }
     }
 
     /// The entry of `key`, if live.
@@ -370,12 +381,11 @@ impl MokaCacheService {
     #[cold]
     #[inline(never)]
     fn touch(&self, key: &str, negative: bool) {
-        let space = if negative {
-            &self.negatives
+        if negative {
+            self.negatives.get(key);
         } else {
-            &self.cache
-        };
-        space.get(key);
+            self.cache.get(key);
+        }
     }
 
     /// Counts a miss of `key` in both spaces (whichever the key's next write goes to).
@@ -431,13 +441,13 @@ impl MokaCacheService {
         }
     }
 
-    /// Removes `key` from the index and both spaces (call with the key's stripe held); the
-    /// entry it had, if any.
+    /// Removes `key` from the index and from moka (call with the key's stripe held); the
+    /// entry it had, if any. Moka holds the key only if the index does, in that entry's
+    /// space (see `put`).
     fn remove(&self, key: &str) -> Option<Entry> {
-        let removed = self.index.remove(key);
-        self.cache.invalidate(key);
-        self.negatives.invalidate(key);
-        removed
+        let removed = self.index.remove(key)?;
+        self.space(&removed).invalidate(key);
+        Some(removed)
     }
 
     /// Whether `token` holds the lease on `key` now (call with the key's stripe held).
